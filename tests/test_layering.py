@@ -1,0 +1,51 @@
+"""Imports point down the data path only; the engine stays small enough to read."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# module -> tide modules it must never import (directly)
+FORBIDDEN = {
+    "tide/policy.py": {"tide.model", "tide.decode", "tide.experts", "tide.engine", "tide.checkpoint"},
+    "tide/budget.py": {"tide.model", "tide.decode", "tide.experts", "tide.engine"},
+    "tide/counters.py": {"tide.model", "tide.decode", "tide.experts", "tide.engine"},
+    "tide/experts/store.py": {"tide.model", "tide.decode", "tide.experts.executor", "tide.engine"},
+    "tide/experts/executor.py": {"tide.model", "tide.decode", "tide.engine", "tide.checkpoint"},
+    "tide/model.py": {"tide.decode", "tide.engine", "tide.checkpoint", "tide.experts"},
+    "tide/decode.py": {"tide.engine", "tide.checkpoint", "tide.experts"},
+}
+
+
+def imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_engine_never_imports_outer_packages():
+    for path in (ROOT / "tide").rglob("*.py"):
+        if path.name == "cli.py":
+            continue  # the CLI imports baselines/bench/evals lazily, inside its commands
+        bad = {n for n in imports(path) if n.split(".")[0] in {"baselines", "bench", "evals"}}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_imports_point_down():
+    for rel, forbidden in FORBIDDEN.items():
+        found = imports(ROOT / rel)
+        bad = {n for n in found for f in forbidden if n == f or n.startswith(f + ".")}
+        assert not bad, f"{rel} imports {bad}"
+
+
+def test_line_budgets():
+    files = list((ROOT / "tide").rglob("*.py"))
+    sizes = {p.relative_to(ROOT): len(p.read_text().splitlines()) for p in files}
+    assert sum(sizes.values()) <= 3000, sizes
+    for path, n in sizes.items():
+        assert n <= 400, f"{path} has {n} lines (limit 400)"
+    for path in list((ROOT / "baselines").glob("*.py")):
+        assert len(path.read_text().splitlines()) <= 130, path

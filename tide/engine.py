@@ -1,0 +1,115 @@
+"""Assembly: checkpoint -> model + expert store + policy + executor, and the special token ids.
+
+Owns nothing but the wiring (`load`) and the small Engine record it returns. Policies are looked up by
+name in the registry (filled by the `tide.policies` entry points: baselines and tide.refresh).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tide.budget import BudgetSizes, slots_per_layer
+from tide.checkpoint import CheckpointReader, fill_store, load_model, load_tokenizer
+from tide.config import DTYPES, ModelConfig
+from tide.decode import Generation, generate
+from tide.experts.executor import MoEExecutor
+from tide.experts.store import ExpertStore
+from tide.model import LLaDA2Model
+from tide.policy import PolicyContext, make_policy
+
+log = logging.getLogger("tide")
+
+# Official LLaDA2.0 generate() defaults; used only when neither config.json nor the tokenizer has them.
+OFFICIAL_EOS_ID, OFFICIAL_MASK_ID, OFFICIAL_VOCAB = 156892, 156895, 157184
+
+
+@dataclass
+class Engine:
+    model: LLaDA2Model
+    store: ExpertStore
+    executor: MoEExecutor
+    tokenizer: Any
+    mask_id: int
+    eos_id: int | None
+    notes: list[str] = field(default_factory=list)  # what was inferred, said once to the user
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer: pass token ids instead of text")
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate(self, prompt: list[int], cfg) -> Generation:
+        return generate(self.model, prompt, cfg, self.mask_id, self.eos_id)
+
+
+def torch_dtype(name: str | None, cfg: ModelConfig) -> torch.dtype:
+    name = name or cfg.dtype
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; choose one of {DTYPES}")
+    return getattr(torch, name)
+
+
+def special_ids(cfg: ModelConfig, tokenizer: Any) -> tuple[int, int | None, list[str]]:
+    """mask and EOS ids: config.json first, then the tokenizer's special tokens, then the official defaults."""
+    notes = []
+    mask_id, eos_id = cfg.mask_token_id, cfg.eos_token_id
+    if mask_id is None and tokenizer is not None:
+        mask_id = tokenizer.convert_tokens_to_ids("<|mask|>") if "<|mask|>" in tokenizer.get_vocab() else None
+        if mask_id is not None:
+            notes.append(f"mask id {mask_id} taken from the tokenizer's <|mask|>")
+    if eos_id is None and tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos_id = tokenizer.eos_token_id
+        notes.append(f"eos id {eos_id} taken from the tokenizer")
+    if mask_id is None and cfg.vocab_size == OFFICIAL_VOCAB:
+        mask_id = OFFICIAL_MASK_ID
+        notes.append(f"mask id {mask_id}: the official LLaDA2.0 default (config.json has no mask_token_id)")
+    if eos_id is None and cfg.vocab_size == OFFICIAL_VOCAB:
+        eos_id = OFFICIAL_EOS_ID
+        notes.append(f"eos id {eos_id}: the official LLaDA2.0 default (config.json has no eos_token_id)")
+    if mask_id is None:
+        raise ValueError("no mask token id: set 'mask_token_id' in config.json or give the tokenizer <|mask|>")
+    return mask_id, eos_id, notes
+
+
+def non_expert_bytes(model: LLaDA2Model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = None, device: str = "cpu",
+         dtype: str | None = None, cpu_threads: int = 1, staging: int = 2,
+         popularity: Mapping[int, Mapping[int, int]] | None = None, **policy_options: Any) -> Engine:
+    """Load a checkpoint directory and wire the named policy in. `gpu_budget`: see tide.budget."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    reader = CheckpointReader(path)
+    cfg = reader.config
+    model = load_model(reader, device, torch_dtype(dtype, cfg))
+    dt = next(model.parameters()).dtype
+    expert_bytes = cfg.expert_params * torch.empty((), dtype=dt).element_size()
+    sizes = BudgetSizes(cfg.num_experts, len(cfg.moe_layers), expert_bytes, non_expert_bytes(model), staging)
+    slots = slots_per_layer(gpu_budget, sizes)
+    ctx = PolicyContext(cfg.num_experts, tuple(cfg.moe_layers), slots, popularity)
+    chosen = make_policy(policy, ctx, **policy_options)
+    store = ExpertStore(cfg, slots, device, dt, staging)
+    fill_store(reader, store)
+    executor = MoEExecutor(store, chosen, cpu_threads)
+    executor.warm_start()
+    model.set_executor(executor)
+    tokenizer = load_tokenizer(path)
+    mask_id, eos_id, notes = special_ids(cfg, tokenizer)
+    for note in notes:
+        log.info(note)
+    return Engine(model, store, executor, tokenizer, mask_id, eos_id, notes)

@@ -1,0 +1,115 @@
+"""The executor: acts on one MoE layer's routing, as the policy planned, with the store's memory.
+
+Per call: count tokens per expert (the layer's one device-to-host sync) -> policy.plan -> check_plan ->
+store.apply -> host experts to the CPU worker pool -> device experts (resident, then streamed) -> join ->
+combine. Counters are updated here and only here. Decides nothing about placement.
+
+Losslessness: every expert is computed by the same `swiglu` on the same rows whatever its tier, and the
+combine is sort-and-scatter in expert-id order followed by a fixed-order sum over k, never index_add_
+(whose CUDA atomics make the sum order, and so the rounding, vary run to run).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tide.counters import Counters, LayerStep, Spans
+from tide.experts.store import ExpertStore
+from tide.policy import Policy, StepInfo, check_plan
+
+
+def swiglu(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """x [n, H], gate_up [2I, H], down [H, I] -> down(silu(gate x) * up x), [n, H]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+class MoEExecutor:
+    def __init__(self, store: ExpertStore, policy: Policy, cpu_threads: int = 1) -> None:
+        if cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
+        self.store, self.policy = store, policy
+        self.pool = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="tide-cpu-expert")
+        self.cpu_threads = cpu_threads
+        self.counters = Counters()
+        self.spans = Spans(store.device)
+
+    def warm_start(self) -> None:
+        for layer in self.store.layers:
+            self.store.warm(layer, self.policy.warm_start(layer))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def __call__(self, layer: int, x: Tensor, ids: Tensor, weights: Tensor, at: StepInfo) -> Tensor:
+        t0 = time.perf_counter()
+        store, policy = self.store, self.policy
+        N, k = ids.shape
+        flat_ids = ids.reshape(-1)
+        counts_list = torch.bincount(flat_ids, minlength=store.num_experts).tolist()  # the one sync
+        counts = {e: c for e, c in enumerate(counts_list) if c}
+        resident = store.resident(layer)
+        plan = policy.plan(at, counts, resident, store.slots)
+        check_plan(plan, counts, resident, store.slots, who=f"policy {policy.name!r}, layer {layer}")
+        rec = LayerStep(at.block, at.step, layer, at.kind, len(counts), N * k, len(plan.fetch), len(plan.stream),
+                        len(plan.evict), (len(plan.fetch) + len(plan.stream)) * store.expert_bytes,
+                        sum(c for e, c in counts.items() if e not in plan.cpu),
+                        sum(counts[e] for e in plan.cpu))
+        with self.spans.span(rec, "fetch_s", store.copy_stream):
+            store.apply(layer, plan)
+
+        order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert, ascending id
+        xs = x[order // k]  # [N*k, H] inputs in expert order
+        start, starts = 0, {}
+        for e, c in enumerate(counts_list):
+            if c:
+                starts[e] = (start, start + c)
+                start += c
+        out = torch.empty_like(xs)
+
+        future = None
+        if plan.cpu:
+            cpu_experts = sorted(plan.cpu)
+            rows = torch.cat([torch.arange(*starts[e], device=x.device) for e in cpu_experts])
+            x_host = xs[rows].to("cpu")  # activations only: KBs, not weights
+            sizes = [counts[e] for e in cpu_experts]
+            future = self.pool.submit(self._host_experts, layer, cpu_experts, x_host, sizes)
+
+        with self.spans.span(rec, "gpu_expert_s"):
+            for e in sorted(set(counts) - plan.cpu - plan.stream):
+                s, t = starts[e]
+                out[s:t] = swiglu(xs[s:t], *store.gpu_weights(layer, e))
+            for e in sorted(plan.stream):
+                s, t = starts[e]
+                w, buf = store.stream_in(layer, e)
+                out[s:t] = swiglu(xs[s:t], *w)
+                store.stream_done(buf)
+
+        if future is not None:
+            y_host, rec.cpu_expert_s = future.result()  # re-raises a worker's exception here
+            out[rows] = y_host.to(x.device, non_blocking=False)
+
+        contrib = out.float() * weights.reshape(-1)[order][:, None]  # [N*k, H] fp32
+        y = torch.empty_like(contrib)
+        y[order] = contrib  # unsort: each row written once, deterministic
+        result = y.view(N, k, -1).sum(dim=1).to(x.dtype)
+        rec.moe_s = time.perf_counter() - t0
+        self.counters.records.append(rec)
+        return result
+
+    def _host_experts(self, layer: int, experts: list[int], x_host: Tensor, sizes: list[int]) -> tuple[Tensor, float]:
+        t0 = time.perf_counter()
+        parts = [swiglu(chunk, *self.store.host_weights(layer, e))
+                 for e, chunk in zip(experts, x_host.split(sizes), strict=True)]
+        return torch.cat(parts), time.perf_counter() - t0
+
+    def finish(self) -> Counters:
+        """Synchronise and resolve device timings; returns the counters."""
+        self.store.sync()
+        self.spans.resolve()
+        return self.counters

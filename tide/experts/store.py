@@ -1,0 +1,136 @@
+"""The expert store: owns all routed-expert memory. Decides nothing.
+
+Host tier: per MoE layer one arena [E, P] (pinned when CUDA is present); row e is expert e's contiguous
+buffer, packed as gate|up ([2I, H], one matmul) then down ([H, I]). Device tier: per layer `slots`
+preallocated rows, plus a small staging ring shared by all layers for streamed experts. A fetch is one
+non-blocking copy on a dedicated copy stream that records an event; compute waits on that event.
+Eviction only forgets a slot: weights are read-only, nothing is copied back. With device "cpu" the same
+code runs with plain copies, so every test runs without a GPU.
+Shape legend: E num_experts, I moe_intermediate_size, H hidden_size, P = 3*I*H elements.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tide.config import ModelConfig
+from tide.policy import Plan
+
+
+class ExpertStore:
+    def __init__(self, cfg: ModelConfig, slots: int, device: torch.device | str, dtype: torch.dtype,
+                 staging: int = 2) -> None:
+        if slots < 1:
+            raise ValueError(f"slots per layer must be >= 1, got {slots}")
+        if slots > cfg.num_experts:
+            raise ValueError(f"slots per layer ({slots}) exceed num_experts ({cfg.num_experts})")
+        self.device, self.dtype = torch.device(device), dtype
+        self.layers = cfg.moe_layers
+        self.num_experts, self.slots = cfg.num_experts, slots
+        self.inter, self.hidden = cfg.moe_intermediate_size, cfg.hidden_size
+        self.numel = cfg.expert_params
+        self.expert_bytes = self.numel * torch.empty((), dtype=dtype).element_size()
+        cuda = self.device.type == "cuda"
+        self.host = {layer: torch.empty(self.num_experts, self.numel, dtype=dtype, pin_memory=cuda)
+                     for layer in self.layers}
+        self.gpu = {layer: torch.empty(slots, self.numel, dtype=dtype, device=self.device) for layer in self.layers}
+        self.ring = torch.empty(max(1, staging), self.numel, dtype=dtype, device=self.device)
+        self.slot_of: dict[int, dict[int, int]] = {layer: {} for layer in self.layers}
+        self._free: dict[int, list[int]] = {layer: list(range(slots - 1, -1, -1)) for layer in self.layers}
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self._ready: dict[tuple[int, int], torch.cuda.Event] = {}  # (layer, slot) -> copy done
+        self._ring_free: list[torch.cuda.Event | None] = [None] * self.ring.shape[0]  # compute done with slot
+        self._ring_next = 0
+
+    # ---- filling the host master --------------------------------------------------------------------
+    def put(self, layer: int, expert: int, gate: Tensor, up: Tensor, down: Tensor) -> None:
+        """Pack one expert's checkpoint tensors into its host row (converting dtype once)."""
+        I, H = self.inter, self.hidden
+        for name, t, shape in (("gate_proj", gate, (I, H)), ("up_proj", up, (I, H)), ("down_proj", down, (H, I))):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"layer {layer} expert {expert} {name}: shape {tuple(t.shape)}, expected {shape}")
+        row = self.host[layer][expert]
+        row[: I * H].view(I, H).copy_(gate)
+        row[I * H: 2 * I * H].view(I, H).copy_(up)
+        row[2 * I * H:].view(H, I).copy_(down)
+
+    def views(self, row: Tensor) -> tuple[Tensor, Tensor]:
+        """(gate_up [2I, H], down [H, I]) views of one packed row."""
+        I, H = self.inter, self.hidden
+        return row[: 2 * I * H].view(2 * I, H), row[2 * I * H:].view(H, I)
+
+    def host_weights(self, layer: int, expert: int) -> tuple[Tensor, Tensor]:
+        return self.views(self.host[layer][expert])
+
+    # ---- residency ----------------------------------------------------------------------------------
+    def resident(self, layer: int) -> frozenset[int]:
+        return frozenset(self.slot_of[layer])
+
+    def apply(self, layer: int, plan: Plan) -> None:
+        """Evict, then issue one copy per fetched expert on the copy stream (in id order)."""
+        slot_of, free = self.slot_of[layer], self._free[layer]
+        if self.copy_stream is not None and plan.fetch:
+            # A freed slot may still be read by queued compute: copies start after it.
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        for e in sorted(plan.evict):
+            free.append(slot_of.pop(e))
+        for e in sorted(plan.fetch):
+            slot = free.pop()
+            slot_of[e] = slot
+            self._copy(self.gpu[layer][slot], self.host[layer][e], (layer, slot))
+
+    def warm(self, layer: int, experts: frozenset[int]) -> None:
+        """Load a starting resident set (start-up traffic, not decode traffic)."""
+        self.apply(layer, Plan(evict=self.resident(layer), fetch=frozenset(experts)))
+        self.sync()
+
+    def gpu_weights(self, layer: int, expert: int) -> tuple[Tensor, Tensor]:
+        """Weights of a resident expert; the current stream waits for its copy if one is in flight."""
+        slot = self.slot_of[layer][expert]
+        event = self._ready.pop((layer, slot), None)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        return self.views(self.gpu[layer][slot])
+
+    def stream_in(self, layer: int, expert: int) -> tuple[tuple[Tensor, Tensor], int]:
+        """Copy an expert into the next staging buffer; returns its weights and the buffer index.
+
+        The caller computes with them and then calls `stream_done(index)`.
+        """
+        i = self._ring_next
+        self._ring_next = (i + 1) % self.ring.shape[0]
+        done = self._ring_free[i]
+        if done is not None and self.copy_stream is not None:
+            self.copy_stream.wait_event(done)  # do not overwrite a buffer still being read
+        self._copy(self.ring[i], self.host[layer][expert], ("ring", i))
+        event = self._ready.pop(("ring", i), None)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        return self.views(self.ring[i]), i
+
+    def stream_done(self, index: int) -> None:
+        if self.copy_stream is not None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self._ring_free[index] = event
+
+    def _copy(self, dst: Tensor, src: Tensor, key: tuple) -> None:
+        if self.copy_stream is None:
+            dst.copy_(src)
+            return
+        with torch.cuda.stream(self.copy_stream):
+            dst.copy_(src, non_blocking=True)  # pinned source: a true async H2D copy
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        self._ready[key] = event
+
+    def sync(self) -> None:
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
+            self._ready.clear()
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of expert memory on the device tier (slots of every layer + the staging ring)."""
+        return (self.slots * len(self.layers) + self.ring.shape[0]) * self.expert_bytes
