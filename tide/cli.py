@@ -38,7 +38,7 @@ def runtime_options(f):
         click.option("--dtype", type=click.Choice(DTYPES), default=None,
                      help="Compute dtype (default: the checkpoint's)."),
         click.option("--policy", default="reference", show_default=True,
-                     help="Expert placement policy: reference, full-offload, lru, cpu-fallback, tide."),
+                     help="Expert placement policy: reference, full-offload, lru, cpu-fallback, accelerate."),
         click.option("--gpu-budget", default=None,
                      help="GPU memory for experts: bytes ('8GiB'), experts per layer ('64/layer') or a share ('50%'). "
                           "Default: all experts."),
@@ -123,14 +123,18 @@ def _decode_config(kw: dict) -> DecodeConfig:
 
 
 def _load(model_dir: str, kw: dict, **extra):
+    import baselines  # noqa: F401  (registers the baseline policies even without installed entry points)
     from tide.engine import load
 
     try:
-        return load(model_dir, policy=kw["policy"], gpu_budget=kw["gpu_budget"], device=kw["device"],
+        engine = load(model_dir, policy=kw["policy"], gpu_budget=kw["gpu_budget"], device=kw["device"],
                     dtype=kw["dtype"], cpu_threads=kw["cpu_threads"], **extra)
     except (ValueError, FileNotFoundError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
+    for note in engine.notes:
+        click.echo(f"note: {note}", err=True)
+    return engine
 
 
 def _parse_ids(text: str) -> list[int]:

@@ -31,7 +31,7 @@ class LayerStep:
     fetch_s: float = 0.0  # copy time (CUDA events on the copy stream; host time on CPU)
     gpu_expert_s: float = 0.0
     cpu_expert_s: float = 0.0  # worker wall time
-    moe_s: float = 0.0  # whole executor call, end to end
+    moe_s: float = 0.0  # whole executor call, host wall time (on CUDA it ends when the work is queued)
 
 
 class Spans:
@@ -65,6 +65,12 @@ class Spans:
 @dataclass
 class Counters:
     records: list[LayerStep] = field(default_factory=list)
+    expert_tokens: dict[int, dict[int, int]] = field(default_factory=dict)  # layer -> expert -> tokens routed
+
+    def add_expert_tokens(self, layer: int, counts: dict[int, int]) -> None:
+        per = self.expert_tokens.setdefault(layer, {})
+        for e, c in counts.items():
+            per[e] = per.get(e, 0) + c
 
     def totals(self) -> dict[str, float]:
         skip = {"block", "step", "layer", "kind"}
@@ -84,3 +90,4 @@ class Counters:
 
     def clear(self) -> None:
         self.records.clear()
+        self.expert_tokens.clear()

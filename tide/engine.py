@@ -16,12 +16,12 @@ import torch
 
 from tide.budget import BudgetSizes, slots_per_layer
 from tide.checkpoint import CheckpointReader, fill_store, load_model, load_tokenizer
-from tide.config import DTYPES, ModelConfig
+from tide.config import DTYPES, DecodeConfig, ModelConfig
 from tide.decode import Generation, generate
 from tide.experts.executor import MoEExecutor
 from tide.experts.store import ExpertStore
 from tide.model import LLaDA2Model
-from tide.policy import PolicyContext, make_policy
+from tide.policy import PolicyContext, load_registered, make_policy
 
 log = logging.getLogger("tide")
 
@@ -33,7 +33,7 @@ OFFICIAL_EOS_ID, OFFICIAL_MASK_ID, OFFICIAL_VOCAB = 156892, 156895, 157184
 class Engine:
     model: LLaDA2Model
     store: ExpertStore
-    executor: MoEExecutor
+    executor: MoEExecutor  # or a peer's executor with the same call, counters and finish()
     tokenizer: Any
     mask_id: int
     eos_id: int | None
@@ -51,8 +51,26 @@ class Engine:
     def decode(self, ids: list[int]) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def generate(self, prompt: list[int], cfg) -> Generation:
+    def generate(self, prompt: list[int], cfg: DecodeConfig) -> Generation:
         return generate(self.model, prompt, cfg, self.mask_id, self.eos_id)
+
+    def use_policy(self, name: str, popularity: Mapping[int, Mapping[int, int]] | None = None,
+                   **options: Any) -> None:
+        """Swap the placement policy: reset residency to its warm start and clear the counters."""
+        cfg = self.config
+        ctx = PolicyContext(cfg.num_experts, tuple(cfg.moe_layers), self.store.slots, popularity)
+        self.executor.policy = make_policy(name, ctx, **options)
+        self.executor.warm_start()
+        self.executor.counters.clear()
+
+    def profile(self, prompts: list[list[int]], cfg: DecodeConfig) -> dict[int, dict[int, int]]:
+        """Tokens routed to each expert of each layer while decoding `prompts` (Fiddler's profiling pass)."""
+        self.executor.counters.clear()
+        for prompt in prompts:
+            self.generate(prompt, cfg)
+        popularity = {layer: dict(c) for layer, c in self.executor.counters.expert_tokens.items()}
+        self.executor.counters.clear()
+        return popularity
 
 
 def torch_dtype(name: str | None, cfg: ModelConfig) -> torch.dtype:
@@ -88,10 +106,21 @@ def non_expert_bytes(model: LLaDA2Model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+# Generic prompts for profiling policies (cpu-fallback); deliberately not the prompts that get measured.
+PROFILE_PROMPTS = ("The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b\n",
+                   "Question: what is 12 plus 30?\nAnswer:")
+PROFILE_DECODE = DecodeConfig(gen_length=64, block_length=32, steps=32)
+
+
 def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = None, device: str = "cpu",
          dtype: str | None = None, cpu_threads: int = 1, staging: int = 2,
-         popularity: Mapping[int, Mapping[int, int]] | None = None, **policy_options: Any) -> Engine:
-    """Load a checkpoint directory and wire the named policy in. `gpu_budget`: see tide.budget."""
+         popularity: Mapping[int, Mapping[int, int]] | None = None, profile_prompts: list[list[int]] | None = None,
+         **policy_options: Any) -> Engine:
+    """Load a checkpoint directory and wire the named policy in. `gpu_budget`: see tide.budget.
+
+    A policy that needs a profile (`needs_profile`, e.g. cpu-fallback) and gets no `popularity` is given one:
+    the engine first runs under 'lru' on `profile_prompts` (default: PROFILE_PROMPTS) and counts routing.
+    """
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
     reader = CheckpointReader(path)
@@ -102,14 +131,24 @@ def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = N
     sizes = BudgetSizes(cfg.num_experts, len(cfg.moe_layers), expert_bytes, non_expert_bytes(model), staging)
     slots = slots_per_layer(gpu_budget, sizes)
     ctx = PolicyContext(cfg.num_experts, tuple(cfg.moe_layers), slots, popularity)
-    chosen = make_policy(policy, ctx, **policy_options)
-    store = ExpertStore(cfg, slots, device, dt, staging)
+    profiling = popularity is None and getattr(load_registered().get(policy), "needs_profile", False)
+    first = make_policy("lru" if profiling else policy, ctx, **({} if profiling else policy_options))
+    store = ExpertStore(cfg, slots, device, dt, staging, device_tier=getattr(first, "device_tier", True))
     fill_store(reader, store)
-    executor = MoEExecutor(store, chosen, cpu_threads)
+    if hasattr(first, "build_executor"):  # a peer that brings its own executor (accelerate)
+        executor = first.build_executor(store, cpu_threads)
+    else:
+        executor = MoEExecutor(store, first, cpu_threads)
     executor.warm_start()
     model.set_executor(executor)
     tokenizer = load_tokenizer(path)
     mask_id, eos_id, notes = special_ids(cfg, tokenizer)
+    engine = Engine(model, store, executor, tokenizer, mask_id, eos_id, notes)
+    if profiling:
+        prompts = profile_prompts or [engine.encode(p) if tokenizer else [i % cfg.vocab_size for i in range(16)]
+                                      for p in PROFILE_PROMPTS]
+        engine.use_policy(policy, engine.profile(prompts, PROFILE_DECODE), **policy_options)
+        notes.append(f"policy {policy!r}: resident sets from a profiling pass over {len(prompts)} prompt(s)")
     for note in notes:
         log.info(note)
-    return Engine(model, store, executor, tokenizer, mask_id, eos_id, notes)
+    return engine

@@ -11,7 +11,7 @@ k = num_experts_per_tok, E = num_experts, h / g query / key-value heads, d head_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -176,7 +176,7 @@ class MoE(nn.Module):
         B, T, H = x.shape
         flat = x.reshape(B * T, H)
         ids, weights = self.gate(flat)
-        out = self.executor(self.layer_idx, flat, ids, weights, replace(at, layer=self.layer_idx))
+        out = self.executor(self.layer_idx, flat, ids, weights, at)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(B, T, H)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,26 @@ from torch import Tensor
 from tide.counters import Counters, LayerStep, Spans
 from tide.experts.store import ExpertStore
 from tide.policy import Policy, StepInfo, check_plan
+
+
+def group_by_expert(ids: Tensor, counts: list[int]) -> tuple[Tensor, dict[int, tuple[int, int]]]:
+    """ids [N, k] -> (order [N*k]: pair indices sorted by expert id, stable; expert -> its row range)."""
+    order = torch.argsort(ids.reshape(-1), stable=True)
+    ranges, start = {}, 0
+    for e, c in enumerate(counts):
+        if c:
+            ranges[e] = (start, start + c)
+            start += c
+    return order, ranges
+
+
+def combine(out: Tensor, weights: Tensor, order: Tensor, dtype: torch.dtype) -> Tensor:
+    """out [N*k, H] in expert order, weights [N, k] fp32 -> sum_k w * y, [N, H]: scatter, then fixed-order sum."""
+    N, k = weights.shape
+    contrib = out.float() * weights.reshape(-1)[order][:, None]
+    y = torch.empty_like(contrib)
+    y[order] = contrib  # unsort: each row written once, deterministic
+    return y.view(N, k, -1).sum(dim=1).to(dtype)
 
 
 def swiglu(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
@@ -48,6 +69,7 @@ class MoEExecutor:
 
     def __call__(self, layer: int, x: Tensor, ids: Tensor, weights: Tensor, at: StepInfo) -> Tensor:
         t0 = time.perf_counter()
+        at = replace(at, layer=layer)
         store, policy = self.store, self.policy
         N, k = ids.shape
         flat_ids = ids.reshape(-1)
@@ -63,22 +85,18 @@ class MoEExecutor:
         with self.spans.span(rec, "fetch_s", store.copy_stream):
             store.apply(layer, plan)
 
-        order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert, ascending id
+        order, starts = group_by_expert(ids, counts_list)
         xs = x[order // k]  # [N*k, H] inputs in expert order
-        start, starts = 0, {}
-        for e, c in enumerate(counts_list):
-            if c:
-                starts[e] = (start, start + c)
-                start += c
         out = torch.empty_like(xs)
 
-        future = None
-        if plan.cpu:
+        futures = []
+        if plan.cpu:  # one task per host expert: the pool spreads them over cpu_threads workers
             cpu_experts = sorted(plan.cpu)
             rows = torch.cat([torch.arange(*starts[e], device=x.device) for e in cpu_experts])
             x_host = xs[rows].to("cpu")  # activations only: KBs, not weights
-            sizes = [counts[e] for e in cpu_experts]
-            future = self.pool.submit(self._host_experts, layer, cpu_experts, x_host, sizes)
+            chunks = x_host.split([counts[e] for e in cpu_experts])
+            futures = [self.pool.submit(self._host_expert, layer, e, chunk)
+                       for e, chunk in zip(cpu_experts, chunks, strict=True)]
 
         with self.spans.span(rec, "gpu_expert_s"):
             for e in sorted(set(counts) - plan.cpu - plan.stream):
@@ -90,23 +108,21 @@ class MoEExecutor:
                 out[s:t] = swiglu(xs[s:t], *w)
                 store.stream_done(buf)
 
-        if future is not None:
-            y_host, rec.cpu_expert_s = future.result()  # re-raises a worker's exception here
-            out[rows] = y_host.to(x.device, non_blocking=False)
+        if futures:
+            results = [f.result() for f in futures]  # re-raises a worker's exception here
+            rec.cpu_expert_s = max(r[2] for r in results) - min(r[1] for r in results)
+            out[rows] = torch.cat([r[0] for r in results]).to(x.device)
 
-        contrib = out.float() * weights.reshape(-1)[order][:, None]  # [N*k, H] fp32
-        y = torch.empty_like(contrib)
-        y[order] = contrib  # unsort: each row written once, deterministic
-        result = y.view(N, k, -1).sum(dim=1).to(x.dtype)
+        result = combine(out, weights, order, x.dtype)
+        self.counters.add_expert_tokens(layer, counts)
         rec.moe_s = time.perf_counter() - t0
         self.counters.records.append(rec)
         return result
 
-    def _host_experts(self, layer: int, experts: list[int], x_host: Tensor, sizes: list[int]) -> tuple[Tensor, float]:
+    def _host_expert(self, layer: int, expert: int, x_host: Tensor) -> tuple[Tensor, float, float]:
         t0 = time.perf_counter()
-        parts = [swiglu(chunk, *self.store.host_weights(layer, e))
-                 for e, chunk in zip(experts, x_host.split(sizes), strict=True)]
-        return torch.cat(parts), time.perf_counter() - t0
+        y = swiglu(x_host, *self.store.host_weights(layer, expert))
+        return y, t0, time.perf_counter()
 
     def finish(self) -> Counters:
         """Synchronise and resolve device timings; returns the counters."""

@@ -20,7 +20,8 @@ from tide.policy import Plan
 
 class ExpertStore:
     def __init__(self, cfg: ModelConfig, slots: int, device: torch.device | str, dtype: torch.dtype,
-                 staging: int = 2) -> None:
+                 staging: int = 2, device_tier: bool = True) -> None:
+        """device_tier=False allocates no device memory (for an executor that manages its own)."""
         if slots < 1:
             raise ValueError(f"slots per layer must be >= 1, got {slots}")
         if slots > cfg.num_experts:
@@ -34,8 +35,9 @@ class ExpertStore:
         cuda = self.device.type == "cuda"
         self.host = {layer: torch.empty(self.num_experts, self.numel, dtype=dtype, pin_memory=cuda)
                      for layer in self.layers}
-        self.gpu = {layer: torch.empty(slots, self.numel, dtype=dtype, device=self.device) for layer in self.layers}
-        self.ring = torch.empty(max(1, staging), self.numel, dtype=dtype, device=self.device)
+        rows = slots if device_tier else 0
+        self.gpu = {layer: torch.empty(rows, self.numel, dtype=dtype, device=self.device) for layer in self.layers}
+        self.ring = torch.empty(max(1, staging) if device_tier else 0, self.numel, dtype=dtype, device=self.device)
         self.slot_of: dict[int, dict[int, int]] = {layer: {} for layer in self.layers}
         self._free: dict[int, list[int]] = {layer: list(range(slots - 1, -1, -1)) for layer in self.layers}
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
@@ -133,4 +135,4 @@ class ExpertStore:
     @property
     def device_bytes(self) -> int:
         """Bytes of expert memory on the device tier (slots of every layer + the staging ring)."""
-        return (self.slots * len(self.layers) + self.ring.shape[0]) * self.expert_bytes
+        return (sum(g.shape[0] for g in self.gpu.values()) + self.ring.shape[0]) * self.expert_bytes

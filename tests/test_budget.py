@@ -1,0 +1,29 @@
+import pytest
+
+from tide.budget import BudgetSizes, slots_per_layer
+
+SIZES = BudgetSizes(num_experts=256, moe_layers=19, expert_bytes=6_291_456, non_expert_bytes=2_000_000_000,
+                    staging_experts=2)
+
+
+def test_forms():
+    assert slots_per_layer(None, SIZES) == 256
+    assert slots_per_layer("all", SIZES) == 256
+    assert slots_per_layer("64/layer", SIZES) == 64
+    assert slots_per_layer("50%", SIZES) == 128
+    assert slots_per_layer("999/layer", SIZES) == 256  # a budget is a ceiling
+    # 10 GiB: non-expert weights first, then the staging ring, then whole experts per layer
+    expected = (10 * 2**30 - 2_000_000_000 - 2 * 6_291_456) // (6_291_456 * 19)
+    assert slots_per_layer("10GiB", SIZES) == expected == 72
+
+
+@pytest.mark.parametrize("budget, message", [
+    ("1GB", "too small"),
+    ("0/layer", "at least one expert"),
+    ("x/layer", "whole number"),
+    ("150%", "percentage"),
+    ("lots", "expected bytes"),
+])
+def test_errors(budget, message):
+    with pytest.raises(ValueError, match=message):
+        slots_per_layer(budget, SIZES)
