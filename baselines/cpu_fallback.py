@@ -12,7 +12,9 @@ from tide.policy import Plan, PolicyContext, StepInfo, register_policy
 
 @register_policy("cpu-fallback")
 class CPUFallback:
-    needs_profile = True  # the engine runs a profiling pass and passes its counts as ctx.popularity
+    @staticmethod
+    def wants_profile(options: Mapping) -> bool:
+        return True  # the engine runs a profiling pass and passes its counts as ctx.popularity
 
     def __init__(self, ctx: PolicyContext) -> None:
         if ctx.popularity is None:

@@ -13,7 +13,7 @@ def run(*args):
 
 def test_help_lists_commands():
     out = run("--help").output
-    for command in ("make-checkpoint", "generate"):
+    for command in ("make-checkpoint", "generate", "calibrate", "plan"):
         assert command in out
 
 
@@ -45,3 +45,24 @@ def test_generate_errors_are_sentences(tmp_path, tiny_dir):
     assert res.exit_code == 2 and "threshold" in res.output
     res = run("make-checkpoint", "--out", tmp_path / "bad", "--layers", "0")
     assert res.exit_code == 2 and "num_hidden_layers" in res.output
+
+
+def test_calibrate_plan_and_traced_tide_run(tmp_path, tiny_dir):
+    profile = tmp_path / "p.json"
+    res = run("calibrate", "--model", tiny_dir, "--repeats", 2, "--out", profile)
+    assert res.exit_code == 0 and "measured" in res.output, res.output
+    est = run("calibrate", "--preset", "mini", "--estimate", "a100-pcie4", "--out", tmp_path / "a100.json")
+    assert "estimate" in est.output and "25.0 GB/s" in est.output
+    res = run("plan", "--model", tiny_dir, "--gpu-budget", "4/layer", "--profile", profile, "--max-interval", 6)
+    assert res.exit_code == 0, res.output
+    assert "<- chosen" in res.output and "drift d" in res.output and res.output.count("\n") >= 9
+    trace = tmp_path / "t.jsonl"
+    res = run("generate", "--model", tiny_dir, "--prompt", "abc", "--gen-length", 16, "--block-length", 8,
+              "--policy", "tide", "--gpu-budget", "4/layer", "--profile", profile, "--trace", trace, "--json")
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["stats"]["trace"] == str(trace) and trace.is_file()
+    assert any("refresh interval" in n for n in out["notes"])
+    res = run("plan", "--model", tiny_dir, "--gpu-budget", "4/layer", "--profile", profile, "--trace", trace)
+    assert res.exit_code == 0 and "<- chosen" in res.output
+    res = run("generate", "--model", tiny_dir, "--prompt", "abc", "--policy", "tide", "--refresh-interval", "0")
+    assert res.exit_code == 2 and "--refresh-interval" in res.output

@@ -13,6 +13,10 @@ FORBIDDEN = {
     "tide/experts/executor.py": {"tide.model", "tide.decode", "tide.engine", "tide.checkpoint"},
     "tide/model.py": {"tide.decode", "tide.engine", "tide.checkpoint", "tide.experts"},
     "tide/decode.py": {"tide.engine", "tide.checkpoint", "tide.experts"},
+    "tide/cost.py": {"tide.model", "tide.decode", "tide.experts", "tide.engine", "tide.trace", "tide.refresh"},
+    "tide/trace.py": {"tide.model", "tide.decode", "tide.experts", "tide.engine", "tide.refresh"},
+    "tide/refresh.py": {"tide.model", "tide.decode", "tide.experts", "tide.engine", "tide.trace"},
+    "tide/planner.py": {"tide.model", "tide.decode", "tide.experts", "tide.engine"},
 }
 
 

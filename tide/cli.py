@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -38,11 +39,22 @@ def runtime_options(f):
         click.option("--dtype", type=click.Choice(DTYPES), default=None,
                      help="Compute dtype (default: the checkpoint's)."),
         click.option("--policy", default="reference", show_default=True,
-                     help="Expert placement policy: reference, full-offload, lru, cpu-fallback, accelerate."),
+                     help="Expert placement policy: reference, full-offload, lru, cpu-fallback, accelerate, tide."),
         click.option("--gpu-budget", default=None,
                      help="GPU memory for experts: bytes ('8GiB'), experts per layer ('64/layer') or a share ('50%'). "
                           "Default: all experts."),
         click.option("--cpu-threads", default=1, show_default=True, help="Worker threads for host-computed experts."),
+        click.option("--refresh-interval", default="auto", show_default=True,
+                     help="tide: refresh the resident set every R denoising steps; 'auto' = chosen by the planner "
+                          "from a profiling trace and the cost model."),
+        click.option("--rank", type=click.Choice(["step", "interval"]), default="step", show_default=True,
+                     help="tide: rank experts at a refresh by the refresh step's tokens (paper) or by all tokens "
+                          "since the last refresh."),
+        click.option("--cost-fetch", is_flag=True,
+                     help="tide: between refreshes, fetch a miss when copy + GPU time beats CPU time (cost model)."),
+        click.option("--per-layer-interval", is_flag=True, help="tide, auto: one R per layer from its own trace."),
+        click.option("--profile", "profile_path", type=click.Path(), default=None,
+                     help="Hardware profile JSON (tide calibrate). Default: a quick calibration on this machine."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -86,31 +98,67 @@ def make_checkpoint(preset_name: str, layers: int | None, dtype: str | None, out
 @decode_options
 @runtime_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text and stats.")
-def generate(model_dir: str, prompt: str | None, prompt_ids: str | None, as_json: bool, **kw) -> None:
-    """Generate from one prompt and report throughput and expert traffic."""
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False), default=None,
+              help="Record every layer-forward's routing to this .jsonl or .parquet file.")
+def generate(model_dir: str, prompt: str | None, prompt_ids: str | None, as_json: bool, trace_path: str | None,
+             **kw) -> None:
+    """Generate from one prompt and report throughput and expert traffic.
 
+    \b
+    Policies (--policy): reference (all experts on the GPU), full-offload (copy every routed expert every
+    forward), lru (LRU expert cache), cpu-fallback (static popular set, misses on the CPU), accelerate
+    (Hugging Face accelerate's offload hooks), tide (interval refresh, misses on the CPU).
+    """
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt or --prompt-ids")
     cfg = _decode_config(kw)
     engine = _load(model_dir, kw)
-    ids = engine.encode(prompt) if prompt is not None else _parse_ids(prompt_ids)
-    t0 = time.perf_counter()
-    gen = engine.generate(ids, cfg)
-    seconds = time.perf_counter() - t0
-    counters = engine.executor.finish()
-    stats = {"forwards": gen.forwards, "steps_per_block": gen.steps_per_block, "seconds": seconds,
-             "tokens_per_s": len(gen.tokens) / seconds if seconds > 0 else 0.0, "generated_tokens": len(gen.tokens),
-             "policy": kw["policy"], "gpu_budget": kw["gpu_budget"], "slots_per_layer": engine.store.slots,
-             "regime": cfg.regime, **counters.totals(),
-             "routed_tokens_per_layer": counters.routed_tokens_per_layer()}
-    text = engine.decode(gen.tokens)
+    try:
+        ids = engine.encode(prompt) if prompt is not None else _parse_ids(prompt_ids)
+        result = run_generation(engine, ids, cfg, trace=bool(trace_path))
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    stats = {**result["stats"], "policy": kw["policy"], "gpu_budget": kw["gpu_budget"]}
+    if trace_path:
+        stats["trace"] = str(result["trace"].save(trace_path))
+    text = engine.decode(result["tokens"])
     if as_json:
-        click.echo(json.dumps({"tokens": gen.tokens, "text": text, "stats": stats, "notes": engine.notes}))
+        click.echo(json.dumps({"tokens": result["tokens"], "text": text, "stats": stats, "notes": engine.notes}))
         return
     click.echo(text)
-    click.echo(f"-- {len(gen.tokens)} tokens in {seconds:.2f} s ({stats['tokens_per_s']:.2f} tok/s), "
-               f"{gen.forwards} forwards, {stats['bytes_h2d'] / 1e6:.1f} MB host->GPU, "
+    click.echo(f"-- {stats['generated_tokens']} tokens in {stats['seconds']:.2f} s "
+               f"({stats['tokens_per_s']:.2f} tok/s), "
+               f"{stats['forwards']} forwards, {stats['bytes_h2d'] / 1e6:.1f} MB host->GPU, "
                f"GPU hit ratio {stats['gpu_hit_ratio']:.3f}", err=True)
+
+
+def run_generation(engine, ids: list[int], cfg: DecodeConfig, trace: bool = False) -> dict:
+    """One timed generation: tokens, stats (counters, throughput, peak GPU memory) and the optional trace."""
+    import torch
+
+    from tide.trace import RoutingTrace
+
+    engine.executor.counters.clear()
+    engine.executor.trace = RoutingTrace(engine.config.num_experts, engine.config.moe_layers) if trace else None
+    cuda = engine.store.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    gen = engine.generate(ids, cfg)
+    counters = engine.executor.finish()  # synchronises the device
+    seconds = time.perf_counter() - t0
+    totals = counters.totals()
+    stats = {"generated_tokens": len(gen.tokens), "seconds": seconds,
+             "tokens_per_s": len(gen.tokens) / seconds if seconds > 0 else 0.0, "forwards": gen.forwards,
+             "forwards_per_block": gen.forwards / max(1, len(gen.steps_per_block)),
+             "steps_per_block": gen.steps_per_block, "slots_per_layer": engine.store.slots,
+             "expert_bytes": engine.store.expert_bytes, "regime": cfg.regime, "device": str(engine.store.device),
+             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+             **totals, "non_expert_s": seconds - totals["moe_s"],
+             "routed_tokens_per_layer": counters.routed_tokens_per_layer()}
+    trace_obj, engine.executor.trace = engine.executor.trace, None
+    return {"tokens": gen.tokens, "stats": stats, "trace": trace_obj}
 
 
 def _decode_config(kw: dict) -> DecodeConfig:
@@ -122,13 +170,59 @@ def _decode_config(kw: dict) -> DecodeConfig:
         raise click.UsageError(str(err)) from None
 
 
+def policy_options(kw: dict, model_dir: str) -> dict:
+    """Policy keyword arguments from the CLI flags (only tide takes any)."""
+    if kw["policy"] != "tide":
+        return {}
+    r = kw["refresh_interval"]
+    opts = {"refresh_interval": r if r == "auto" else _positive_int(r, "--refresh-interval"), "rank": kw["rank"],
+            "cost_fetch": kw["cost_fetch"], "per_layer_interval": kw["per_layer_interval"]}
+    if r != "auto" and kw["per_layer_interval"]:
+        raise click.UsageError("--per-layer-interval goes with --refresh-interval auto")
+    if not opts["per_layer_interval"]:
+        opts.pop("per_layer_interval")
+    if r == "auto" or kw["cost_fetch"]:
+        opts["cost"] = cost_model(model_dir, kw)
+    return opts
+
+
+def cost_model(model_dir: str, kw: dict):
+    """The hardware profile named by --profile, else a quick calibration at the checkpoint's expert shape."""
+    from tide.calibrate import calibrate
+    from tide.config import ModelConfig
+    from tide.cost import CostModel
+    from tide.engine import torch_dtype
+
+    cfg = ModelConfig.from_json(Path(model_dir) / "config.json")
+    dtype = torch_dtype(kw["dtype"], cfg)
+    if kw.get("profile_path"):
+        cost = CostModel.from_json(kw["profile_path"])
+        nbytes = cfg.expert_params * dtype.itemsize
+        return cost if cost.expert_bytes == nbytes else cost.for_expert_bytes(nbytes)
+    click.echo("note: no --profile given; calibrating this machine (a few seconds)", err=True)
+    return calibrate(cfg.hidden_size, cfg.moe_intermediate_size, dtype, kw["device"], kw["cpu_threads"],
+                     tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256), repeats=5)
+
+
+def _positive_int(text: str, flag: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise click.UsageError(f"{flag} {text!r}: expected a positive integer or 'auto'") from None
+    if value < 1:
+        raise click.UsageError(f"{flag} must be >= 1, got {value}")
+    return value
+
+
 def _load(model_dir: str, kw: dict, **extra):
     import baselines  # noqa: F401  (registers the baseline policies even without installed entry points)
+    import tide.refresh  # noqa: F401
     from tide.engine import load
 
     try:
+        options = policy_options(kw, model_dir)
         engine = load(model_dir, policy=kw["policy"], gpu_budget=kw["gpu_budget"], device=kw["device"],
-                    dtype=kw["dtype"], cpu_threads=kw["cpu_threads"], **extra)
+                      dtype=kw["dtype"], cpu_threads=kw["cpu_threads"], **options, **extra)
     except (ValueError, FileNotFoundError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
@@ -142,6 +236,80 @@ def _parse_ids(text: str) -> list[int]:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
         raise click.UsageError(f"--prompt-ids {text!r}: expected comma-separated integers") from None
+
+
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(), default=None,
+              help="Take the expert shape from this checkpoint.")
+@click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
+              help="Expert shape when no --model is given.")
+@click.option("--device", default="cpu", show_default=True, help="Device tier to measure (cpu or cuda).")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Expert dtype (default: the model's).")
+@click.option("--cpu-threads", default=1, show_default=True, help="Recorded with the profile (executor workers).")
+@click.option("--estimate", type=click.Choice(["h100-pcie5", "a100-pcie4"]), default=None,
+              help="Write a labelled estimate from published rates instead of measuring.")
+@click.option("--repeats", default=20, show_default=True, help="Timed repetitions per point (median reported).")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Profile JSON to write.")
+def calibrate(model_dir, preset_name, device, dtype, cpu_threads, estimate, repeats, out) -> None:
+    """Measure this machine's expert copy and compute costs (or write an estimate) as a hardware profile."""
+    from tide import calibrate as cal
+    from tide.config import ModelConfig
+    from tide.engine import torch_dtype
+
+    cfg = ModelConfig.from_json(Path(model_dir) / "config.json") if model_dir else preset(preset_name)
+    dt = torch_dtype(dtype, cfg)
+    if estimate:
+        cost = cal.estimate(estimate, cfg.hidden_size, cfg.moe_intermediate_size, dt.itemsize)
+    else:
+        if device.startswith("cuda") and not __import__("torch").cuda.is_available():
+            raise click.UsageError(f"--device {device}: CUDA is not available on this machine")
+        cost = cal.calibrate(cfg.hidden_size, cfg.moe_intermediate_size, dt, device, cpu_threads, repeats=repeats)
+    cost.to_json(out)
+    click.echo(f"wrote {out} ({cost.source}): fetch {cost.fetch_s() * 1e6:.1f} us/expert "
+               f"({cost.h2d_bytes_per_s / 1e9:.1f} GB/s), CPU expert {cost.cpu_s(1) * 1e6:.1f} us at 1 token, "
+               f"{cost.cpu_s(32) * 1e6:.1f} us at 32")
+
+
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(), required=True, help="Checkpoint directory.")
+@click.option("--gpu-budget", default="25%", show_default=True, help="Bytes, 'N/layer' or a share of the experts.")
+@click.option("--profile", "profile_path", type=click.Path(), default=None, help="Hardware profile JSON.")
+@click.option("--trace", "trace_path", type=click.Path(), default=None,
+              help="Routing trace (tide generate --trace); default: a profiling pass over built-in prompts.")
+@click.option("--max-interval", type=int, default=None, help="Largest R considered (default: steps in the trace).")
+@click.option("--per-layer-interval", is_flag=True, help="Also solve one R per layer.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default=None)
+@click.option("--cpu-threads", default=1, show_default=True)
+def plan(model_dir, gpu_budget, profile_path, trace_path, max_interval, per_layer_interval, device, dtype,
+         cpu_threads) -> None:
+    """Choose TIDE's refresh interval R: print the modelled cost of every candidate R and why."""
+    from tide.planner import solve_interval
+    from tide.trace import RoutingTrace
+
+    kw = {"policy": "lru", "gpu_budget": gpu_budget, "device": device, "dtype": dtype, "cpu_threads": cpu_threads,
+          "profile_path": profile_path}
+    cost = cost_model(model_dir, kw)
+    engine = _load(model_dir, kw)
+    if trace_path:
+        trace = RoutingTrace.load(trace_path)
+    else:
+        from tide.engine import PROFILE_DECODE, PROFILE_PROMPTS
+
+        trace = engine.profile([engine.encode(p) for p in PROFILE_PROMPTS], PROFILE_DECODE)[1]
+    steps = max_interval or max((r.step + 1 for r in trace.records if r.kind == "denoise"), default=1)
+    sol = solve_interval(trace, cost, engine.store.slots, steps, per_layer=per_layer_interval)
+    click.echo(f"cost model: {cost.source}; fetch {cost.fetch_s() * 1e6:.1f} us/expert; "
+               f"{engine.store.slots} slots/layer; {len(trace.records)} layer-forwards in the trace")
+    click.echo(f"drift d = {sol.drift:.3f}; miss ratio by placement age f(a) = "
+               + ", ".join(f"{m:.2f}" for m in sol.miss_by_age[:8]))
+    click.echo(f"{'R':>4} {'PCIe ms':>10} {'CPU ms':>10} {'total ms':>10} {'overlap ms':>11} {'fetched':>8} {'hit':>6}")
+    for c in sol.candidates:
+        mark = " <- chosen" if c.interval == sol.interval else ""
+        click.echo(f"{c.interval:>4} {c.io_s * 1e3:>10.2f} {c.cpu_s * 1e3:>10.2f} {c.objective_s * 1e3:>10.2f} "
+                   f"{c.step_s * 1e3:>11.2f} {c.fetched_experts:>8} {c.gpu_hit_ratio:>6.3f}{mark}")
+    click.echo(f"chosen R = {sol.interval} by {sol.method}: it minimises modelled PCIe + CPU seconds over the trace"
+               + (f"; per layer: {sol.per_layer}" if per_layer_interval else ""))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from tide.experts.executor import MoEExecutor
 from tide.experts.store import ExpertStore
 from tide.model import LLaDA2Model
 from tide.policy import PolicyContext, load_registered, make_policy
+from tide.trace import RoutingTrace
 
 log = logging.getLogger("tide")
 
@@ -55,22 +56,35 @@ class Engine:
         return generate(self.model, prompt, cfg, self.mask_id, self.eos_id)
 
     def use_policy(self, name: str, popularity: Mapping[int, Mapping[int, int]] | None = None,
-                   **options: Any) -> None:
-        """Swap the placement policy: reset residency to its warm start and clear the counters."""
+                   trace: RoutingTrace | None = None, **options: Any) -> None:
+        """Swap the placement policy: reset residency to its warm start and clear the counters.
+
+        A policy class with `from_profile` (tide with refresh_interval="auto") is built from the trace.
+        """
         cfg = self.config
         ctx = PolicyContext(cfg.num_experts, tuple(cfg.moe_layers), self.store.slots, popularity)
-        self.executor.policy = make_policy(name, ctx, **options)
+        builder = getattr(load_registered().get(name), "from_profile", None)
+        if builder is not None and trace is not None:
+            policy, note = builder(ctx, trace, **options)
+            self.notes.append(note)
+        else:
+            policy = make_policy(name, ctx, **options)
+        self.executor.policy = policy
         self.executor.warm_start()
         self.executor.counters.clear()
 
-    def profile(self, prompts: list[list[int]], cfg: DecodeConfig) -> dict[int, dict[int, int]]:
-        """Tokens routed to each expert of each layer while decoding `prompts` (Fiddler's profiling pass)."""
+    def profile(self, prompts: list[list[int]], cfg: DecodeConfig) -> tuple[dict[int, dict[int, int]], RoutingTrace]:
+        """Decode `prompts` and return the tokens routed to each expert of each layer, and the routing trace."""
         self.executor.counters.clear()
-        for prompt in prompts:
-            self.generate(prompt, cfg)
+        trace = self.executor.trace = RoutingTrace(self.config.num_experts, self.config.moe_layers)
+        try:
+            for prompt in prompts:
+                self.generate(prompt, cfg)
+        finally:
+            self.executor.trace = None
         popularity = {layer: dict(c) for layer, c in self.executor.counters.expert_tokens.items()}
         self.executor.counters.clear()
-        return popularity
+        return popularity, trace
 
 
 def torch_dtype(name: str | None, cfg: ModelConfig) -> torch.dtype:
@@ -118,8 +132,9 @@ def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = N
          **policy_options: Any) -> Engine:
     """Load a checkpoint directory and wire the named policy in. `gpu_budget`: see tide.budget.
 
-    A policy that needs a profile (`needs_profile`, e.g. cpu-fallback) and gets no `popularity` is given one:
-    the engine first runs under 'lru' on `profile_prompts` (default: PROFILE_PROMPTS) and counts routing.
+    A policy that wants a profile (`wants_profile(options)`: cpu-fallback; tide with refresh_interval="auto")
+    and gets no `popularity` is given one: the engine first runs under 'lru' on `profile_prompts` (default:
+    PROFILE_PROMPTS, not the prompts that get measured) and records the routing.
     """
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
@@ -131,7 +146,8 @@ def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = N
     sizes = BudgetSizes(cfg.num_experts, len(cfg.moe_layers), expert_bytes, non_expert_bytes(model), staging)
     slots = slots_per_layer(gpu_budget, sizes)
     ctx = PolicyContext(cfg.num_experts, tuple(cfg.moe_layers), slots, popularity)
-    profiling = popularity is None and getattr(load_registered().get(policy), "needs_profile", False)
+    wants = getattr(load_registered().get(policy), "wants_profile", None)
+    profiling = popularity is None and wants is not None and wants(policy_options)
     first = make_policy("lru" if profiling else policy, ctx, **({} if profiling else policy_options))
     store = ExpertStore(cfg, slots, device, dt, staging, device_tier=getattr(first, "device_tier", True))
     fill_store(reader, store)
@@ -147,8 +163,9 @@ def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = N
     if profiling:
         prompts = profile_prompts or [engine.encode(p) if tokenizer else [i % cfg.vocab_size for i in range(16)]
                                       for p in PROFILE_PROMPTS]
-        engine.use_policy(policy, engine.profile(prompts, PROFILE_DECODE), **policy_options)
-        notes.append(f"policy {policy!r}: resident sets from a profiling pass over {len(prompts)} prompt(s)")
+        popularity, trace = engine.profile(prompts, PROFILE_DECODE)
+        notes.append(f"policy {policy!r}: profiled on {len(prompts)} prompt(s) ({len(trace.records)} layer-forwards)")
+        engine.use_policy(policy, popularity, trace, **policy_options)
     for note in notes:
         log.info(note)
     return engine

@@ -22,6 +22,7 @@ from torch import Tensor
 from tide.counters import Counters, LayerStep, Spans
 from tide.experts.store import ExpertStore
 from tide.policy import Policy, StepInfo, check_plan
+from tide.trace import RoutingTrace
 
 
 def group_by_expert(ids: Tensor, counts: list[int]) -> tuple[Tensor, dict[int, tuple[int, int]]]:
@@ -59,6 +60,7 @@ class MoEExecutor:
         self.cpu_threads = cpu_threads
         self.counters = Counters()
         self.spans = Spans(store.device)
+        self.trace: RoutingTrace | None = None  # set to record every layer-forward's routing
 
     def warm_start(self) -> None:
         for layer in self.store.layers:
@@ -75,6 +77,8 @@ class MoEExecutor:
         flat_ids = ids.reshape(-1)
         counts_list = torch.bincount(flat_ids, minlength=store.num_experts).tolist()  # the one sync
         counts = {e: c for e, c in enumerate(counts_list) if c}
+        if self.trace is not None:
+            self.trace.add(at, counts)
         resident = store.resident(layer)
         plan = policy.plan(at, counts, resident, store.slots)
         check_plan(plan, counts, resident, store.slots, who=f"policy {policy.name!r}, layer {layer}")

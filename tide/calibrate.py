@@ -1,0 +1,128 @@
+"""Calibration: measure a CostModel on this machine, or build a labelled estimate from published rates.
+
+Owns the microbenchmarks (pinned H2D copy of one expert, one expert's SwiGLU on the host and on the
+device tier for n tokens) and the machine stamp every result carries. Timings are medians after warm-up;
+device regions are bracketed by CUDA events, host regions by perf_counter.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+
+from tide.cost import CostModel
+from tide.experts.executor import swiglu
+
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine_stamp(device: str = "cpu", cpu_threads: int | None = None) -> dict:
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    return {"gpu": torch.cuda.get_device_name(torch.device(device)) if cuda else None,
+            "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_threads": cpu_threads, "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
+            "device": device, "hostname": platform.node(), "commit": git_commit()}
+
+
+def median_s(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def calibrate(hidden_size: int, moe_intermediate_size: int, dtype: torch.dtype, device: str = "cpu",
+              cpu_threads: int = 1, tokens: tuple[int, ...] = TOKENS, repeats: int = 20) -> CostModel:
+    """Measure copy and compute costs of one expert of this shape on this machine."""
+    dev = torch.device(device)
+    H, I = hidden_size, moe_intermediate_size
+    cuda = dev.type == "cuda"
+    host = torch.randn(3 * I * H, dtype=torch.float32).to(dtype)
+    if cuda:
+        host = host.pin_memory()
+    dst = torch.empty_like(host, device=dev)
+    tiny_src, tiny_dst = host[:1024], dst[:1024]
+    copy_s = median_s(lambda: dst.copy_(host, non_blocking=True), dev, repeats)
+    fixed_s = median_s(lambda: tiny_dst.copy_(tiny_src, non_blocking=True), dev, repeats)
+    nbytes = host.numel() * host.element_size()
+    h2d = nbytes / max(copy_s - fixed_s, 1e-9)
+
+    def curve(weights_device: torch.device) -> tuple[tuple[int, float], ...]:
+        row = host.to(weights_device)
+        gate_up, down = row[: 2 * I * H].view(2 * I, H), row[2 * I * H:].view(H, I)
+        points = []
+        for n in tokens:
+            x = torch.randn(n, H, dtype=torch.float32).to(dtype).to(weights_device)
+            points.append((n, median_s(lambda x=x: swiglu(x, gate_up, down), weights_device, repeats)))
+        return tuple(points)
+
+    cpu_curve = curve(torch.device("cpu"))
+    gpu_curve = curve(dev) if cuda else cpu_curve
+    return CostModel(nbytes, h2d, fixed_s, cpu_curve, gpu_curve, "measured", machine_stamp(device, cpu_threads),
+                     {"hidden_size": H, "moe_intermediate_size": I, "dtype": str(dtype).removeprefix("torch.")})
+
+
+# Published rates for reference machines (vendor datasheets and the numbers in shared/design/tide.md).
+# Estimates, never measurements: the CostModel says so in `source`.
+REFERENCE_MACHINES = {
+    "h100-pcie5": dict(gpu="NVIDIA H100 80GB (estimate)", cpu="48-core Xeon, DDR5 (estimate)", h2d_GBps=50.0,
+                       dram_GBps=150.0, cpu_TFLOPs=2.0, hbm_GBps=3350.0, gpu_TFLOPs=800.0),
+    "a100-pcie4": dict(gpu="NVIDIA A100 40GB (estimate)", cpu="48-core Xeon, DDR4 (estimate)", h2d_GBps=25.0,
+                       dram_GBps=120.0, cpu_TFLOPs=1.5, hbm_GBps=1555.0, gpu_TFLOPs=312.0),
+}
+COPY_FIXED_S, CPU_CALL_S, GPU_CALL_S = 10e-6, 20e-6, 30e-6  # per copy / host expert / device expert (estimates)
+
+
+def estimate(name: str, hidden_size: int, moe_intermediate_size: int, bytes_per_param: int = 2,
+             tokens: tuple[int, ...] = TOKENS) -> CostModel:
+    """A roofline estimate: t(n) = call overhead + max(weight bytes / bandwidth, FLOPs / rate)."""
+    if name not in REFERENCE_MACHINES:
+        raise ValueError(f"unknown reference machine {name!r}; choose one of {sorted(REFERENCE_MACHINES)}")
+    m = REFERENCE_MACHINES[name]
+    nbytes = 3 * hidden_size * moe_intermediate_size * bytes_per_param
+    flops = 2 * 3 * hidden_size * moe_intermediate_size  # per token
+
+    def curve(gbps: float, tflops: float, call_s: float) -> tuple[tuple[int, float], ...]:
+        return tuple((n, call_s + max(nbytes / (gbps * 1e9), n * flops / (tflops * 1e12))) for n in tokens)
+
+    return CostModel(nbytes, m["h2d_GBps"] * 1e9, COPY_FIXED_S, curve(m["dram_GBps"], m["cpu_TFLOPs"], CPU_CALL_S),
+                     curve(m["hbm_GBps"], m["gpu_TFLOPs"], GPU_CALL_S), f"estimate from published rates ({name})",
+                     {"gpu": m["gpu"], "cpu": m["cpu"], "reference_machine": name, **m},
+                     {"hidden_size": hidden_size, "moe_intermediate_size": moe_intermediate_size,
+                      "dtype": {2: "bfloat16", 4: "float32"}.get(bytes_per_param, str(bytes_per_param))})
