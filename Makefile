@@ -3,10 +3,16 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-MODEL  ?= .cache/tiny-random
+MODEL  ?=
 DEVICE ?= cpu
+THREADS ?= 1
 
-.PHONY: venv test bench lint loc clean
+BUDGETS ?= 25%,50%
+REGIMES ?= block-kv,full
+POLICIES ?= reference,full-offload,lru,cpu-fallback,accelerate,tide
+BENCH_ARGS ?=
+
+.PHONY: venv test bench bench-check microbench lint loc clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +26,15 @@ venv: $(STAMP)
 test: venv
 	$(BIN)/pytest -q
 
-.cache/tiny-random/config.json: | venv
-	$(BIN)/tide make-checkpoint --preset tiny --out .cache/tiny-random --seed 0
+bench: venv
+	$(BIN)/tide --threads $(THREADS) bench $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --budgets $(BUDGETS) --regime $(REGIMES) --policies $(POLICIES) $(BENCH_ARGS)
 
-bench: venv .cache/tiny-random/config.json
-	$(BIN)/tide generate --model $(MODEL) --device $(DEVICE) --prompt "def fibonacci(n):" --gen-length 128
+bench-check: venv
+	rm -rf .cache/bench-check
+	$(BIN)/tide --threads 1 bench --model tiny --budgets 25% --repeat 1 --gen-length 32 --projections "" --check --out .cache/bench-check
+
+microbench: venv
+	$(BIN)/pytest -q bench/micro --benchmark-only
 
 lint: venv
 	$(BIN)/ruff check tide baselines bench evals tests

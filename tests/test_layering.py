@@ -45,10 +45,15 @@ def test_imports_point_down():
         assert not bad, f"{rel} imports {bad}"
 
 
+TRAINING = {"train.py", "data.py"}  # the built-in model's training code: budgeted apart from the engine
+
+
 def test_line_budgets():
     files = list((ROOT / "tide").rglob("*.py"))
     sizes = {p.relative_to(ROOT): len(p.read_text().splitlines()) for p in files}
-    assert sum(sizes.values()) <= 3000, sizes
+    engine = {p: n for p, n in sizes.items() if p.name not in TRAINING}
+    assert sum(engine.values()) <= 3000, engine
+    assert sum(n for p, n in sizes.items() if p.name in TRAINING) <= 700
     for path, n in sizes.items():
         assert n <= 400, f"{path} has {n} lines (limit 400)"
     for path in list((ROOT / "baselines").glob("*.py")):

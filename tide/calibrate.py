@@ -126,3 +126,13 @@ def estimate(name: str, hidden_size: int, moe_intermediate_size: int, bytes_per_
                      {"gpu": m["gpu"], "cpu": m["cpu"], "reference_machine": name, **m},
                      {"hidden_size": hidden_size, "moe_intermediate_size": moe_intermediate_size,
                       "dtype": {2: "bfloat16", 4: "float32"}.get(bytes_per_param, str(bytes_per_param))})
+
+
+def load_or_calibrate(profile_path: str | None, hidden_size: int, moe_intermediate_size: int, dtype: torch.dtype,
+                      device: str = "cpu", cpu_threads: int = 1) -> CostModel:
+    """The hardware profile at `profile_path` (rescaled to this expert size), else a quick calibration here."""
+    nbytes = 3 * hidden_size * moe_intermediate_size * dtype.itemsize
+    if profile_path:
+        cost = CostModel.from_json(profile_path)
+        return cost if cost.expert_bytes == nbytes else cost.for_expert_bytes(nbytes)
+    return calibrate(hidden_size, moe_intermediate_size, dtype, device, cpu_threads, tokens=TOKENS[:9], repeats=5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -62,8 +61,17 @@ def runtime_options(f):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.option("--threads", type=int, default=None,
+              help="torch intra-op threads (default: torch's choice). On a small machine, 1 thread plus "
+                   "--cpu-threads workers avoids oversubscribing the cores.")
+def main(threads: int | None) -> None:
     """TIDE: lossless expert offloading for MoE diffusion LLMs (LLaDA2.0) on one GPU plus the host CPU."""
+    if threads is not None:
+        if threads < 1:
+            raise click.UsageError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @main.command("make-checkpoint")
@@ -115,7 +123,7 @@ def generate(model_dir: str, prompt: str | None, prompt_ids: str | None, as_json
     engine = _load(model_dir, kw)
     try:
         ids = engine.encode(prompt) if prompt is not None else _parse_ids(prompt_ids)
-        result = run_generation(engine, ids, cfg, trace=bool(trace_path))
+        result = engine.run(ids, cfg, trace=bool(trace_path))
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     stats = {**result["stats"], "policy": kw["policy"], "gpu_budget": kw["gpu_budget"]}
@@ -130,35 +138,6 @@ def generate(model_dir: str, prompt: str | None, prompt_ids: str | None, as_json
                f"({stats['tokens_per_s']:.2f} tok/s), "
                f"{stats['forwards']} forwards, {stats['bytes_h2d'] / 1e6:.1f} MB host->GPU, "
                f"GPU hit ratio {stats['gpu_hit_ratio']:.3f}", err=True)
-
-
-def run_generation(engine, ids: list[int], cfg: DecodeConfig, trace: bool = False) -> dict:
-    """One timed generation: tokens, stats (counters, throughput, peak GPU memory) and the optional trace."""
-    import torch
-
-    from tide.trace import RoutingTrace
-
-    engine.executor.counters.clear()
-    engine.executor.trace = RoutingTrace(engine.config.num_experts, engine.config.moe_layers) if trace else None
-    cuda = engine.store.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    gen = engine.generate(ids, cfg)
-    counters = engine.executor.finish()  # synchronises the device
-    seconds = time.perf_counter() - t0
-    totals = counters.totals()
-    stats = {"generated_tokens": len(gen.tokens), "seconds": seconds,
-             "tokens_per_s": len(gen.tokens) / seconds if seconds > 0 else 0.0, "forwards": gen.forwards,
-             "forwards_per_block": gen.forwards / max(1, len(gen.steps_per_block)),
-             "steps_per_block": gen.steps_per_block, "slots_per_layer": engine.store.slots,
-             "expert_bytes": engine.store.expert_bytes, "regime": cfg.regime, "device": str(engine.store.device),
-             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-             **totals, "non_expert_s": seconds - totals["moe_s"],
-             "routed_tokens_per_layer": counters.routed_tokens_per_layer()}
-    trace_obj, engine.executor.trace = engine.executor.trace, None
-    return {"tokens": gen.tokens, "stats": stats, "trace": trace_obj}
 
 
 def _decode_config(kw: dict) -> DecodeConfig:
@@ -188,20 +167,15 @@ def policy_options(kw: dict, model_dir: str) -> dict:
 
 def cost_model(model_dir: str, kw: dict):
     """The hardware profile named by --profile, else a quick calibration at the checkpoint's expert shape."""
-    from tide.calibrate import calibrate
+    from tide.calibrate import load_or_calibrate
     from tide.config import ModelConfig
-    from tide.cost import CostModel
     from tide.engine import torch_dtype
 
     cfg = ModelConfig.from_json(Path(model_dir) / "config.json")
-    dtype = torch_dtype(kw["dtype"], cfg)
-    if kw.get("profile_path"):
-        cost = CostModel.from_json(kw["profile_path"])
-        nbytes = cfg.expert_params * dtype.itemsize
-        return cost if cost.expert_bytes == nbytes else cost.for_expert_bytes(nbytes)
-    click.echo("note: no --profile given; calibrating this machine (a few seconds)", err=True)
-    return calibrate(cfg.hidden_size, cfg.moe_intermediate_size, dtype, kw["device"], kw["cpu_threads"],
-                     tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256), repeats=5)
+    if not kw.get("profile_path"):
+        click.echo("note: no --profile given; calibrating this machine (a few seconds)", err=True)
+    return load_or_calibrate(kw.get("profile_path"), cfg.hidden_size, cfg.moe_intermediate_size,
+                             torch_dtype(kw["dtype"], cfg), kw["device"], kw["cpu_threads"])
 
 
 def _positive_int(text: str, flag: str) -> int:
@@ -310,6 +284,49 @@ def plan(model_dir, gpu_budget, profile_path, trace_path, max_interval, per_laye
                    f"{c.step_s * 1e3:>11.2f} {c.fetched_experts:>8} {c.gpu_hit_ratio:>6.3f}{mark}")
     click.echo(f"chosen R = {sol.interval} by {sol.method}: it minimises modelled PCIe + CPU seconds over the trace"
                + (f"; per layer: {sol.per_layer}" if per_layer_interval else ""))
+
+
+@main.command()
+@click.option("--model", "model_dir", default=None,
+              help="Checkpoint directory or preset name (tiny|mini|flash: a random checkpoint is written under "
+                   ".cache/). Default: the built-in trained model, else tiny.")
+@click.option("--policies", default="reference,full-offload,lru,cpu-fallback,accelerate,tide", show_default=True,
+              help="Comma-separated; tide variants: tide+interval, tide+costfetch, tide+perlayer.")
+@click.option("--budgets", default="25%,50%", show_default=True, help="Comma-separated budgets (bytes, N/layer, %).")
+@click.option("--regime", "regimes", default="block-kv,full", show_default=True, help="Comma-separated regimes.")
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
+              help="Text file, one prompt per blank-line-separated paragraph (default: bench/prompts.txt).")
+@click.option("--gen-length", default=64, show_default=True)
+@click.option("--block-length", default=32, show_default=True)
+@click.option("--steps", default=32, show_default=True)
+@click.option("--threshold", default=0.95, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default=None)
+@click.option("--cpu-threads", default=1, show_default=True)
+@click.option("--repeat", default=2, show_default=True, help="Interleaved repeats of every run.")
+@click.option("--profile", "profile_path", type=click.Path(), default=None,
+              help="Hardware profile for tide's planner (default: a quick calibration on this machine).")
+@click.option("--refresh-interval", default="auto", show_default=True, help="tide's R, or auto (planner).")
+@click.option("--projections", default="h100-pcie5,a100-pcie4", show_default=True,
+              help="Reference machines to project onto (modelled); empty for none.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run directory (default: results/<date>-<host>-<model>; never overwritten).")
+@click.option("--check", is_flag=True, help="Fail unless the CI regression checks hold (bench/check.py).")
+def bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps, threshold, device,
+          dtype, cpu_threads, repeat, profile_path, refresh_interval, projections, out, check) -> None:
+    """Every policy side by side on one model: bench.csv, bench.md, bench.png, env.json under results/."""
+    from bench.runner import run_bench
+
+    try:
+        summary = run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps,
+                            threshold, device, dtype, cpu_threads, repeat, profile_path, refresh_interval,
+                            projections, out, check, command="tide " + " ".join(sys.argv[1:]))
+    except (ValueError, FileNotFoundError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(summary))
+    if summary.get("failures"):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

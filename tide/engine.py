@@ -7,6 +7,7 @@ name in the registry (filled by the `tide.policies` entry points: baselines and 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +35,14 @@ OFFICIAL_EOS_ID, OFFICIAL_MASK_ID, OFFICIAL_VOCAB = 156892, 156895, 157184
 class Engine:
     model: LLaDA2Model
     store: ExpertStore
-    executor: MoEExecutor  # or a peer's executor with the same call, counters and finish()
+    executor: MoEExecutor | None  # or a peer's executor with the same call, counters and finish()
     tokenizer: Any
     mask_id: int
     eos_id: int | None
     notes: list[str] = field(default_factory=list)  # what was inferred, said once to the user
+    cpu_threads: int = 1
+    staging: int = 2
+    policy_name: str = "reference"
 
     @property
     def config(self) -> ModelConfig:
@@ -55,23 +59,82 @@ class Engine:
     def generate(self, prompt: list[int], cfg: DecodeConfig) -> Generation:
         return generate(self.model, prompt, cfg, self.mask_id, self.eos_id)
 
-    def use_policy(self, name: str, popularity: Mapping[int, Mapping[int, int]] | None = None,
-                   trace: RoutingTrace | None = None, **options: Any) -> None:
-        """Swap the placement policy: reset residency to its warm start and clear the counters.
+    def run(self, ids: list[int], cfg: DecodeConfig, trace: bool = False) -> dict[str, Any]:
+        """One timed generation: tokens, stats (counters, throughput, peak GPU memory) and the optional trace."""
+        self.executor.counters.clear()
+        self.executor.trace = RoutingTrace(self.config.num_experts, self.config.moe_layers) if trace else None
+        cuda = self.store.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        gen = self.generate(ids, cfg)
+        counters = self.executor.finish()  # synchronises the device
+        seconds = time.perf_counter() - t0
+        totals = counters.totals()
+        stats = {"generated_tokens": len(gen.tokens), "seconds": seconds,
+                 "tokens_per_s": len(gen.tokens) / seconds if seconds > 0 else 0.0, "forwards": gen.forwards,
+                 "forwards_per_block": gen.forwards / max(1, len(gen.steps_per_block)),
+                 "steps_per_block": gen.steps_per_block, "slots_per_layer": self.store.slots,
+                 "expert_bytes": self.store.expert_bytes, "regime": cfg.regime, "device": str(self.store.device),
+                 "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+                 **totals, "non_expert_s": seconds - totals["moe_s"],
+                 "routed_tokens_per_layer": counters.routed_tokens_per_layer()}
+        trace_obj, self.executor.trace = self.executor.trace, None
+        return {"tokens": gen.tokens, "stats": stats, "trace": trace_obj}
 
-        A policy class with `from_profile` (tide with refresh_interval="auto") is built from the trace.
+    def budget_sizes(self) -> BudgetSizes:
+        return BudgetSizes(self.config.num_experts, len(self.config.moe_layers), self.store.expert_bytes,
+                           non_expert_bytes(self.model), self.staging)
+
+    def configure(self, policy: str, gpu_budget: str | None = None,
+                  popularity: Mapping[int, Mapping[int, int]] | None = None,
+                  profile_prompts: list[list[int]] | None = None, trace: RoutingTrace | None = None,
+                  profile_cfg: DecodeConfig | None = None, **options: Any) -> None:
+        """(Re)build the device tier for `gpu_budget` and wire `policy` in, from its warm start.
+
+        A policy that wants a profile (`wants_profile(options)`: cpu-fallback; tide with refresh_interval="auto")
+        and gets no `popularity` is given one: the engine first runs under 'lru' on `profile_prompts` (default:
+        PROFILE_PROMPTS, not the prompts that get measured; decoded with `profile_cfg`, default PROFILE_DECODE),
+        records the routing, and builds the policy from it (`from_profile` where the class has one). Callers
+        that profiled already pass `popularity` and `trace`.
         """
         cfg = self.config
-        ctx = PolicyContext(cfg.num_experts, tuple(cfg.moe_layers), self.store.slots, popularity)
-        builder = getattr(load_registered().get(name), "from_profile", None)
-        if builder is not None and trace is not None:
-            policy, note = builder(ctx, trace, **options)
+        slots = slots_per_layer(gpu_budget, self.budget_sizes())
+        cls = load_registered().get(policy)
+        wants = getattr(cls, "wants_profile", None)
+        profiled = wants is not None and wants(options)
+        if profiled and popularity is None:
+            popularity, trace = self.profile_routing(gpu_budget, profile_prompts, profile_cfg)
+        ctx = PolicyContext(cfg.num_experts, tuple(cfg.moe_layers), slots, popularity)
+        builder = getattr(cls, "from_profile", None)
+        if profiled and builder is not None:
+            if trace is None:
+                raise ValueError(f"policy {policy!r} with these options needs a routing trace to plan from")
+            chosen, note = builder(ctx, trace, **options)
             self.notes.append(note)
         else:
-            policy = make_policy(name, ctx, **options)
-        self.executor.policy = policy
+            chosen = make_policy(policy, ctx, **options)
+        old = getattr(self, "executor", None)
+        if old is not None:
+            old.close()
+        self.store.resize(slots, self.staging, device_tier=getattr(chosen, "device_tier", True))
+        if hasattr(chosen, "build_executor"):  # a peer that brings its own executor (accelerate)
+            self.executor = chosen.build_executor(self.store, self.cpu_threads)
+        else:
+            self.executor = MoEExecutor(self.store, chosen, self.cpu_threads)
         self.executor.warm_start()
-        self.executor.counters.clear()
+        self.model.set_executor(self.executor)
+        self.policy_name = policy
+
+    def profile_routing(self, gpu_budget: str | None, prompts: list[list[int]] | None = None,
+                        cfg: DecodeConfig | None = None) -> tuple[dict[int, dict[int, int]], RoutingTrace]:
+        """A profiling pass under 'lru' at this budget (any lossless policy routes the same tokens)."""
+        self.configure("lru", gpu_budget)
+        prompts = prompts or [self.encode(p) if self.tokenizer else list(range(1, 17)) for p in PROFILE_PROMPTS]
+        popularity, trace = self.profile(prompts, cfg or PROFILE_DECODE)
+        self.notes.append(f"profiled on {len(prompts)} prompt(s): {len(trace.records)} layer-forwards")
+        return popularity, trace
 
     def profile(self, prompts: list[list[int]], cfg: DecodeConfig) -> tuple[dict[int, dict[int, int]], RoutingTrace]:
         """Decode `prompts` and return the tokens routed to each expert of each layer, and the routing trace."""
@@ -130,42 +193,20 @@ def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = N
          dtype: str | None = None, cpu_threads: int = 1, staging: int = 2,
          popularity: Mapping[int, Mapping[int, int]] | None = None, profile_prompts: list[list[int]] | None = None,
          **policy_options: Any) -> Engine:
-    """Load a checkpoint directory and wire the named policy in. `gpu_budget`: see tide.budget.
-
-    A policy that wants a profile (`wants_profile(options)`: cpu-fallback; tide with refresh_interval="auto")
-    and gets no `popularity` is given one: the engine first runs under 'lru' on `profile_prompts` (default:
-    PROFILE_PROMPTS, not the prompts that get measured) and records the routing.
-    """
+    """Load a checkpoint directory and wire the named policy in (see Engine.configure; budgets: tide.budget)."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    if cpu_threads < 1:
+        raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
     reader = CheckpointReader(path)
     cfg = reader.config
     model = load_model(reader, device, torch_dtype(dtype, cfg))
-    dt = next(model.parameters()).dtype
-    expert_bytes = cfg.expert_params * torch.empty((), dtype=dt).element_size()
-    sizes = BudgetSizes(cfg.num_experts, len(cfg.moe_layers), expert_bytes, non_expert_bytes(model), staging)
-    slots = slots_per_layer(gpu_budget, sizes)
-    ctx = PolicyContext(cfg.num_experts, tuple(cfg.moe_layers), slots, popularity)
-    wants = getattr(load_registered().get(policy), "wants_profile", None)
-    profiling = popularity is None and wants is not None and wants(policy_options)
-    first = make_policy("lru" if profiling else policy, ctx, **({} if profiling else policy_options))
-    store = ExpertStore(cfg, slots, device, dt, staging, device_tier=getattr(first, "device_tier", True))
+    store = ExpertStore(cfg, 1, device, next(model.parameters()).dtype, staging, device_tier=False)
     fill_store(reader, store)
-    if hasattr(first, "build_executor"):  # a peer that brings its own executor (accelerate)
-        executor = first.build_executor(store, cpu_threads)
-    else:
-        executor = MoEExecutor(store, first, cpu_threads)
-    executor.warm_start()
-    model.set_executor(executor)
     tokenizer = load_tokenizer(path)
     mask_id, eos_id, notes = special_ids(cfg, tokenizer)
-    engine = Engine(model, store, executor, tokenizer, mask_id, eos_id, notes)
-    if profiling:
-        prompts = profile_prompts or [engine.encode(p) if tokenizer else [i % cfg.vocab_size for i in range(16)]
-                                      for p in PROFILE_PROMPTS]
-        popularity, trace = engine.profile(prompts, PROFILE_DECODE)
-        notes.append(f"policy {policy!r}: profiled on {len(prompts)} prompt(s) ({len(trace.records)} layer-forwards)")
-        engine.use_policy(policy, popularity, trace, **policy_options)
+    engine = Engine(model, store, None, tokenizer, mask_id, eos_id, notes, cpu_threads, staging)
+    engine.configure(policy, gpu_budget, popularity, profile_prompts, **policy_options)
     for note in notes:
         log.info(note)
     return engine

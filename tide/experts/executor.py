@@ -56,7 +56,10 @@ class MoEExecutor:
         if cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
         self.store, self.policy = store, policy
-        self.pool = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="tide-cpu-expert")
+        # Parallelism on the host comes from the workers: each computes its experts single-threaded, so
+        # workers and the main thread never oversubscribe the cores with nested OpenMP teams.
+        self.pool = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="tide-cpu-expert",
+                                       initializer=torch.set_num_threads, initargs=(1,))
         self.cpu_threads = cpu_threads
         self.counters = Counters()
         self.spans = Spans(store.device)

@@ -22,27 +22,35 @@ class ExpertStore:
     def __init__(self, cfg: ModelConfig, slots: int, device: torch.device | str, dtype: torch.dtype,
                  staging: int = 2, device_tier: bool = True) -> None:
         """device_tier=False allocates no device memory (for an executor that manages its own)."""
-        if slots < 1:
-            raise ValueError(f"slots per layer must be >= 1, got {slots}")
-        if slots > cfg.num_experts:
-            raise ValueError(f"slots per layer ({slots}) exceed num_experts ({cfg.num_experts})")
         self.device, self.dtype = torch.device(device), dtype
         self.layers = cfg.moe_layers
-        self.num_experts, self.slots = cfg.num_experts, slots
+        self.num_experts = cfg.num_experts
         self.inter, self.hidden = cfg.moe_intermediate_size, cfg.hidden_size
         self.numel = cfg.expert_params
         self.expert_bytes = self.numel * torch.empty((), dtype=dtype).element_size()
         cuda = self.device.type == "cuda"
         self.host = {layer: torch.empty(self.num_experts, self.numel, dtype=dtype, pin_memory=cuda)
                      for layer in self.layers}
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self.resize(slots, staging, device_tier)
+
+    def resize(self, slots: int, staging: int = 2, device_tier: bool = True) -> None:
+        """(Re)allocate the device tier: `slots` rows per layer and the staging ring. Residency is cleared."""
+        if slots < 1:
+            raise ValueError(f"slots per layer must be >= 1, got {slots}")
+        if slots > self.num_experts:
+            raise ValueError(f"slots per layer ({slots}) exceed num_experts ({self.num_experts})")
+        self.sync()
+        self.slots = slots
+        self.gpu, self.ring = {}, None  # free the old tier before allocating the new one
         rows = slots if device_tier else 0
-        self.gpu = {layer: torch.empty(rows, self.numel, dtype=dtype, device=self.device) for layer in self.layers}
-        self.ring = torch.empty(max(1, staging) if device_tier else 0, self.numel, dtype=dtype, device=self.device)
+        self.gpu = {layer: torch.empty(rows, self.numel, dtype=self.dtype, device=self.device) for layer in self.layers}
+        self.ring = torch.empty(max(1, staging) if device_tier else 0, self.numel, dtype=self.dtype,
+                                device=self.device)
         self.slot_of: dict[int, dict[int, int]] = {layer: {} for layer in self.layers}
         self._free: dict[int, list[int]] = {layer: list(range(slots - 1, -1, -1)) for layer in self.layers}
-        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
-        self._ready: dict[tuple[int, int], torch.cuda.Event] = {}  # (layer, slot) -> copy done
-        self._ring_free: list[torch.cuda.Event | None] = [None] * self.ring.shape[0]  # compute done with slot
+        self._ready: dict[tuple, torch.cuda.Event] = {}  # (layer, slot) or ("ring", i) -> copy done
+        self._ring_free: list[torch.cuda.Event | None] = [None] * self.ring.shape[0]  # compute done with buffer
         self._ring_next = 0
 
     # ---- filling the host master --------------------------------------------------------------------
@@ -130,7 +138,7 @@ class ExpertStore:
     def sync(self) -> None:
         if self.copy_stream is not None:
             self.copy_stream.synchronize()
-            self._ready.clear()
+        self._ready = {}
 
     @property
     def device_bytes(self) -> int:

@@ -1,0 +1,120 @@
+"""bench.csv -> bench.md (+ projections.csv) -> bench.png. Tables are generated, never typed.
+
+Medians over repeats with the min-max spread; speed-ups of every policy over every baseline in the same
+budget and regime; modelled tables labelled with their cost model; and a plain list of every place where
+a baseline beats TIDE, so the reader never has to find it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from bench.sweep import BASELINES
+
+KEYS = ["variant", "budget", "slots_per_layer", "regime"]
+
+
+def summarise(bench: pd.DataFrame) -> pd.DataFrame:
+    g = bench.groupby(KEYS, sort=False)
+    out = g.agg(tokens_per_s=("tokens_per_s", "median"), tps_min=("tokens_per_s", "min"),
+                tps_max=("tokens_per_s", "max"), forwards_per_block=("forwards_per_block", "median"),
+                mb_h2d=("bytes_h2d", lambda b: b.median() / 1e6), gpu_hit_ratio=("gpu_hit_ratio", "median"),
+                pairs_cpu=("pairs_cpu", "median"), moe_s=("moe_s", "median"),
+                identical=("identical_to_reference", lambda s: "yes" if s.dropna().all() and len(s.dropna()) else
+                           ("NO" if len(s.dropna()) else "n/a")),
+                refresh_interval=("refresh_interval", "first")).reset_index()
+    for base in BASELINES:
+        col = f"x_vs_{base}"
+        out[col] = None
+        for i, row in out.iterrows():
+            ref = out[(out.variant == base) & (out.budget == row.budget) & (out.regime == row.regime)]
+            if len(ref) and row.variant != base:
+                out.at[i, col] = round(row.tokens_per_s / ref.tokens_per_s.iloc[0], 2)
+    return out
+
+
+def losses(summary: pd.DataFrame) -> list[str]:
+    """Every (budget, regime) where a baseline is faster than plain TIDE, in words."""
+    lines = []
+    for (budget, regime), grp in summary.groupby(["budget", "regime"], sort=False):
+        tide = grp[grp.variant == "tide"]
+        if not len(tide):
+            continue
+        t = tide.tokens_per_s.iloc[0]
+        for _, b in grp[grp.variant.isin(BASELINES)].iterrows():
+            if b.tokens_per_s > t:
+                lines.append(f"- {b.variant} beats tide at budget {budget} ({regime}): {b.tokens_per_s:.2f} vs "
+                             f"{t:.2f} tok/s (tide moved {tide.mb_h2d.iloc[0]:.1f} MB, {b.variant} {b.mb_h2d:.1f} MB; "
+                             f"CPU pairs {tide.pairs_cpu.iloc[0]:.0f} vs {b.pairs_cpu:.0f})")
+    return lines
+
+
+def table(df: pd.DataFrame, floatfmt: str = ".3g") -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        cells = []
+        for c in cols:
+            v = row[c]
+            cells.append(format(v, floatfmt) if isinstance(v, float) and not pd.isna(v) else
+                         ("" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(bench: pd.DataFrame, proj: pd.DataFrame | None, card: list[str], command: str) -> str:
+    first = bench.iloc[0]
+    gpu = first.get("hw_gpu")
+    gpu = gpu if isinstance(gpu, str) and gpu else "no GPU (the device tier is the CPU: a fetch is a host memcpy)"
+    machine = (f"{gpu}; CPU {first.hw_cpu}, {first.hw_cores} cores, torch {first.hw_torch} with "
+               f"{first.hw_torch_threads} intra-op thread(s), {first.cpu_threads} CPU expert worker(s)")
+    s = summarise(bench)
+    out = [f"# TIDE benchmark: {first.model}", "", f"Command: `{command}`  ", f"Commit: {first.hw_commit}  ",
+           f"Machine: {machine}", "", "## Card", "", *[f"- {c}" for c in card], "",
+           "## Measured", "", f"*Measured* on the machine above, median of {bench.repeat.nunique()} interleaved "
+           "repeat(s) (min-max in brackets). Throughput counts generated tokens up to EOS over wall time. "
+           "`x_vs_P`: tokens/s ratio to policy P at the same budget and regime.", ""]
+    for regime, grp in s.groupby("regime", sort=False):
+        shown = grp.assign(tokens_per_s=[f"{m:.2f} [{a:.2f}-{b:.2f}]" for m, a, b in
+                                         zip(grp.tokens_per_s, grp.tps_min, grp.tps_max, strict=True)])
+        shown = shown.drop(columns=["tps_min", "tps_max", "regime"]).dropna(axis=1, how="all")
+        out += [f"### regime {regime}", "", table(shown), ""]
+    lost = losses(s)
+    out += ["## Where a baseline beats TIDE", ""] + (lost or ["- nowhere in this run"]) + [""]
+    if proj is not None and len(proj):
+        out += ["## Modelled projections", "", "*Modelled*, not measured: each run's recorded routing is replayed "
+                "through a reference machine's cost model (`tide calibrate --estimate`, published rates). "
+                "`expert_s` is the modelled expert path only (copies, GPU and CPU experts with overlap); attention "
+                "and the rest of the forward are excluded. `oracle_s`: perfect foresight and overlap with the same "
+                "slots; `fraction_of_bound` = oracle_s / expert_s.", ""]
+        for machine, grp in proj.groupby("machine", sort=False):
+            cols = ["variant", "budget", "slots_per_layer", "regime", "expert_s", "io_s", "cpu_s", "bytes_h2d",
+                    "gpu_hit_ratio", "oracle_s", "fraction_of_bound", "refresh_interval"]
+            out += [f"### {machine} ({grp.kind.iloc[0]})", "", table(grp[cols]), ""]
+    return "\n".join(out) + "\n"
+
+
+def plot(bench: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summarise(bench)
+    regimes = list(s.regime.unique())
+    fig, axes = plt.subplots(1, len(regimes), figsize=(6 * len(regimes), 4), squeeze=False)
+    for ax, regime in zip(axes[0], regimes, strict=True):
+        for variant, grp in s[s.regime == regime].groupby("variant", sort=False):
+            grp = grp.sort_values("slots_per_layer")
+            style = "--" if variant == "reference" else "-o"
+            ax.plot(grp.slots_per_layer, grp.tokens_per_s, style, label=variant)
+        ax.set_title(f"regime {regime} (measured)")
+        ax.set_xlabel("GPU expert slots per layer")
+        ax.set_ylabel("tokens / s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,145 @@
+"""`tide bench` end to end: resolve inputs, print the card, sweep, project, report, check.
+
+Owns the run directory (results/<date>-<host>-<model>/: bench.csv, projections.csv, bench.md, bench.png,
+env.json) and the card printed before measuring. The measuring itself is bench/sweep.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from bench import report
+from bench.bounds import oracle_bound_s
+from bench.check import check as run_checks
+from bench.sweep import SweepSpec, projections, run_sweep, variants
+from tide.budget import slots_per_layer
+from tide.calibrate import load_or_calibrate
+from tide.config import DecodeConfig, ModelConfig
+from tide.engine import torch_dtype
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILTIN_MODEL = ROOT / "models" / "tide-tiny-code"
+DEFAULT_PROMPTS = ROOT / "bench" / "prompts.txt"
+
+
+def resolve_model(model: str | None) -> Path:
+    """A checkpoint directory; a preset name writes (once) a seeded random checkpoint under .cache/."""
+    from tide.config import PRESETS
+
+    if model is None:
+        model = str(BUILTIN_MODEL) if (BUILTIN_MODEL / "config.json").is_file() else "tiny"
+    if model in PRESETS:
+        path = ROOT / ".cache" / f"{model}-random"
+        if not (path / "config.json").is_file():
+            from tide.checkpoint import write_random_checkpoint
+            from tide.config import preset
+
+            cfg = preset(model)
+            write_random_checkpoint(cfg, path, seed=0, tokenizer=cfg.vocab_size < 1024)
+        return path
+    return Path(model)
+
+
+def read_prompts(path: str | None) -> list[str]:
+    text = Path(path or DEFAULT_PROMPTS).read_text()
+    prompts = [p.strip("\n") for p in text.split("\n\n") if p.strip()]
+    if not prompts:
+        raise ValueError(f"{path or DEFAULT_PROMPTS}: no prompts (separate prompts with a blank line)")
+    return prompts
+
+
+def new_run_dir(out: str | None, model: Path) -> Path:
+    if out:
+        path = Path(out)
+    else:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = ROOT / "results" / f"{stamp}-{platform.node() or 'host'}-{model.name}"
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(f"{path}: run directory exists and is not empty (results are never overwritten)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps, threshold,
+              device, dtype, cpu_threads, repeat, profile_path, refresh_interval, machines, out, check,
+              command: str) -> dict:
+    model = resolve_model(model_dir)
+    cfg = ModelConfig.from_json(model / "config.json")
+    policy_list = [p.strip() for p in policies.split(",") if p.strip()]
+    variants(policy_list)  # validate names early
+    budget_list = [b.strip() for b in budgets.split(",") if b.strip()]
+    regime_list = [r.strip() for r in regimes.split(",") if r.strip()]
+    decode = DecodeConfig(gen_length=gen_length, block_length=block_length, steps=steps, threshold=threshold)
+    if not profile_path:
+        print("note: no --profile given; calibrating this machine (a few seconds)")
+    cost = load_or_calibrate(profile_path, cfg.hidden_size, cfg.moe_intermediate_size, torch_dtype(dtype, cfg),
+                             device, cpu_threads)
+    tide_options = {} if refresh_interval == "auto" else {"refresh_interval": int(refresh_interval)}
+    run_dir = new_run_dir(out, model)
+    spec = SweepSpec(str(model), policy_list, budget_list, [r for r in regime_list], read_prompts(prompts_path),
+                     decode, device, dtype, cpu_threads, repeat, cost, run_dir, tide_options)
+    card = card_lines(spec, cfg, cost)
+    for line in card:
+        print(f"card: {line}")
+    per_rep = sum(1 for p, _, _ in variants(policy_list) for _ in (budget_list if p != "reference" else [0]))
+    bar = tqdm(total=per_rep * len(regime_list) * repeat, desc="bench runs", unit="run")
+    try:
+        rows, context = run_sweep(spec, on_row=lambda r: (bar.update(1), bar.set_postfix_str(
+            f"{r['variant']} {r['budget']} {r['regime']}: {r['tokens_per_s']:.1f} tok/s")))
+    finally:
+        bar.close()
+    bench_df = pd.read_csv(run_dir / "bench.csv")
+    machine_list = [m.strip() for m in machines.split(",") if m.strip()]
+    proj = pd.DataFrame(projections(rows, context, machine_list)) if machine_list else None
+    if proj is not None and len(proj):
+        proj.to_csv(run_dir / "projections.csv", index=False)
+    card.append(oracle_line(context, cost))
+    (run_dir / "bench.md").write_text(report.markdown(bench_df, proj, card, command))
+    report.plot(bench_df, run_dir / "bench.png")
+    env = {"command": command, "model": str(model), "spec": {k: str(v) for k, v in vars(spec).items() if k != "cost"},
+           "machine": {k.removeprefix("hw_"): v for k, v in rows[0].items() if k.startswith("hw_")},
+           "cost_model": {"source": cost.source, "fetch_s": cost.fetch_s(), "h2d_GBps": cost.h2d_bytes_per_s / 1e9}}
+    (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+    print((run_dir / "bench.md").read_text())
+    summary = {"out": str(run_dir), "rows": len(rows), "kind": "measured",
+               "tokens_per_s": {f"{r['variant']}|{r['budget']}|{r['regime']}": round(r["tokens_per_s"], 3)
+                                for r in rows if r["repeat"] == 0}}
+    if check:
+        summary["failures"] = run_checks(bench_df, context, cost)
+        for failure in summary["failures"]:
+            print(f"CHECK FAILED: {failure}")
+        print("bench checks: " + ("all hold" if not summary["failures"] else f"{len(summary['failures'])} failed"))
+    return summary
+
+
+def card_lines(spec: SweepSpec, cfg: ModelConfig, cost) -> list[str]:
+    from tide.budget import BudgetSizes
+
+    eb = cost.expert_bytes
+    sizes = BudgetSizes(cfg.num_experts, len(cfg.moe_layers), eb, 0, 2)
+    slots = {b: slots_per_layer(b, sizes) for b in spec.budgets}
+    return [f"model {spec.model}: {cfg.num_hidden_layers} layers ({len(cfg.moe_layers)} MoE), hidden "
+            f"{cfg.hidden_size}, {cfg.num_experts} experts x {cfg.moe_intermediate_size}, "
+            f"top-{cfg.num_experts_per_tok}",
+            f"expert bytes {eb} ({cost.shape.get('dtype')}); slots per layer by budget: {slots}",
+            f"cost model ({cost.source}): H2D {cost.h2d_bytes_per_s / 1e9:.2f} GB/s, fetch {cost.fetch_s() * 1e6:.1f} "
+            f"us/expert; CPU expert {cost.cpu_s(1) * 1e6:.1f} us at 1 token, {cost.cpu_s(32) * 1e6:.1f} us at 32",
+            f"decode: gen_length {spec.decode.gen_length}, block {spec.decode.block_length}, steps "
+            f"{spec.decode.steps}, threshold {spec.decode.threshold}; {len(spec.prompts)} prompts; regimes "
+            f"{spec.regimes}; device {spec.device}, {spec.cpu_threads} CPU expert worker(s)"]
+
+
+def oracle_line(context: dict, cost) -> str:
+    parts = []
+    engine = context["engine"]
+    for (budget, regime), (_, trace) in context["profiles"].items():
+        forwards = len({(r.block, r.step, r.kind) for r in trace.records}) or 1
+        slots = slots_per_layer(budget, engine.budget_sizes())
+        parts.append(f"{budget}/{regime}: {oracle_bound_s(trace, slots, cost) / forwards * 1e3:.3f} ms")
+    return "oracle expert-path bound per forward on this machine's cost model (profiling trace): " + "; ".join(parts)

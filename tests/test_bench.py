@@ -1,0 +1,105 @@
+"""The benchmark harness on the tiny model: rows, schema, identity, report files, checks, and the oracle bound."""
+
+import json
+
+import pandas as pd
+import pytest
+
+import baselines  # noqa: F401
+from bench import report
+from bench.bounds import oracle_bound_s
+from bench.check import check
+from bench.sweep import COLUMNS, SweepSpec, projections, run_sweep, variants
+from tide.calibrate import estimate
+from tide.config import DecodeConfig
+from tide.policy import PolicyContext, make_policy
+from tide.trace import replay
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cost = estimate("h100-pcie5", 64, 32, 4)
+    spec = SweepSpec(str(tiny_dir), ["reference", "full-offload", "lru", "cpu-fallback", "tide", "tide+interval"],
+                     ["25%"], ["block-kv"], ["def f(x):", "abc"], DecodeConfig(gen_length=16, block_length=8),
+                     repeat=1, cost=cost, out=out)
+    rows, context = run_sweep(spec)
+    return spec, rows, context, cost
+
+
+def test_rows_schema_and_identity(sweep):
+    spec, rows, context, _ = sweep
+    bench = pd.read_csv(spec.out / "bench.csv")
+    assert list(bench.columns[: len(COLUMNS)]) == COLUMNS
+    assert len(bench) == 6 and set(bench.variant) == {"reference", "full-offload", "lru", "cpu-fallback", "tide",
+                                                      "tide+interval"}
+    assert bench.identical_to_reference.all()
+    assert (bench.kind == "measured").all() and bench.hw_cpu.notna().all()
+    tide = bench[bench.variant == "tide"].iloc[0]
+    assert tide.bytes_h2d < bench[bench.variant == "lru"].iloc[0].bytes_h2d
+
+
+def test_report_and_checks(sweep, tmp_path):
+    spec, rows, context, cost = sweep
+    bench = pd.read_csv(spec.out / "bench.csv")
+    proj = pd.DataFrame(projections(rows, context, ["a100-pcie4"]))
+    assert set(proj.kind.str.startswith("modelled")) == {True}
+    md = report.markdown(bench, proj, ["card line"], "tide bench --test")
+    assert "## Measured" in md and "## Modelled projections" in md and "Where a baseline beats TIDE" in md
+    report.plot(bench, tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 1000
+    assert check(bench, context, cost) == []
+    lossy = bench.copy()
+    lossy.loc[lossy.variant == "lru", "identical_to_reference"] = False
+    assert any("not token-identical" in f for f in check(lossy, context, cost))
+    heavy = bench.copy()
+    heavy.loc[heavy.variant == "tide", "bytes_h2d"] = 10**12
+    assert any("not below lru" in f for f in check(heavy, context, cost))
+
+
+def test_oracle_bound_is_below_every_policy(sweep):
+    _, rows, context, cost = sweep
+    engine = context["engine"]
+    cost = cost.for_expert_bytes(engine.store.expert_bytes)
+    for (variant, budget, regime), trace in context["traces"].items():
+        if variant == "reference":
+            continue
+        slots = next(r["slots_per_layer"] for r in rows if r["variant"] == variant)
+        ctx = PolicyContext(16, (1, 2), slots, context["profiles"][(budget, regime)][0])
+        for policy in ("full-offload", "lru", "cpu-fallback"):
+            modelled = replay(trace, make_policy(policy, ctx), slots, cost).step_s
+            assert oracle_bound_s(trace, slots, cost) <= modelled + 1e-12
+
+
+def test_variant_names():
+    assert variants(["tide+costfetch"]) == [("tide", "tide+costfetch", {"cost_fetch": True})]
+    with pytest.raises(ValueError, match="variant"):
+        variants(["lru+interval"])
+
+
+def test_cli_bench_end_to_end(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from tide.cli import main
+
+    profile = estimate("a100-pcie4", 64, 32, 4).to_json(tmp_path / "p.json")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["--threads", "1", "bench", "--model", str(tiny_dir), "--policies",
+                                    "reference,lru,tide", "--budgets", "4/layer", "--regime", "full", "--gen-length",
+                                    "8", "--block-length", "8", "--repeat", "1", "--profile", str(profile),
+                                    "--projections", "h100-pcie5", "--out", str(out), "--check"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output.strip().splitlines()[-1])
+    assert summary["failures"] == [] and summary["rows"] == 3
+    for name in ("bench.csv", "bench.md", "bench.png", "env.json", "projections.csv"):
+        assert (out / name).is_file(), name
+    again = CliRunner().invoke(main, ["bench", "--model", str(tiny_dir), "--out", str(out)])
+    assert again.exit_code == 2 and "never overwritten" in again.output
+
+
+def test_bound_pieces_by_hand():
+    from bench.bounds import compute_balance_s, copy_balance_s
+
+    assert compute_balance_s([1.0, 1.0], [3.0, 3.0]) == pytest.approx(1.5)  # 1.5 on the device, 1.5 on the CPU
+    assert compute_balance_s([1.0], [0.5]) == pytest.approx(1 / 3)  # x*1 = (1-x)*0.5
+    assert copy_balance_s([5.0, 4.0, 3.0, 1.0], slots=1, fetch_s=2.0) == pytest.approx(4.0)  # copy 4: max(2, 3+1)
