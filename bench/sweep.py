@@ -56,14 +56,15 @@ class SweepSpec:
 
 
 def variants(policies: list[str]) -> list[tuple[str, str, dict]]:
-    """(policy, variant label, options). `tide+interval`, `tide+costfetch`, `tide+perlayer` are flags on tide."""
+    """(policy, variant label, options): tide+interval, +costfetch, +perlayer, +prefetch are flags on tide."""
     flags = {"interval": {"rank": "interval"}, "costfetch": {"cost_fetch": True},
-             "perlayer": {"per_layer_interval": True}}
+             "perlayer": {"per_layer_interval": True}, "prefetch": {"prefetch_next": True}}
     out = []
     for name in policies:
         base, _, flag = name.partition("+")
         if flag and (base != "tide" or flag not in flags):
-            raise ValueError(f"unknown policy variant {name!r}; tide takes +interval, +costfetch, +perlayer")
+            raise ValueError(f"unknown policy variant {name!r}; tide takes +interval, +costfetch, +perlayer, "
+                             "+prefetch")
         out.append((base, name, dict(flags.get(flag, {}))))
     return out
 
@@ -173,7 +174,8 @@ def projections(rows: list[dict], context: dict, machines: list[str]) -> list[di
                 sol = solve_interval(context["profiles"][(row["budget"], row["regime"])][1], cost, slots,
                                      max(1, engine_steps(trace)))
                 options = {"refresh_interval": sol.interval, **({"rank": "interval"} if "interval" in row["variant"]
-                                                                 else {})}
+                                                                 else {}),
+                           **({"prefetch_next": True} if "prefetch" in row["variant"] else {})}
                 if "costfetch" in row["variant"]:
                     options.update(cost=cost, cost_fetch=True)
             result = replay(trace, make_policy(row["policy"], ctx, **options), slots, cost)

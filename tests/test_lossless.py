@@ -35,7 +35,8 @@ def test_policy_is_token_identical_to_reference(tiny_dir, reference, policy, bud
 
 @pytest.mark.parametrize("options", [{"refresh_interval": 1}, {"refresh_interval": 8, "rank": "interval"},
                                      {"refresh_interval": 2, "first_block_every_step": False, "cost_fetch": True},
-                                     {"refresh_interval": "auto", "per_layer_interval": True}])
+                                     {"refresh_interval": "auto", "per_layer_interval": True},
+                                     {"refresh_interval": 3, "prefetch_next": True}])
 def test_tide_variants_are_token_identical(tiny_dir, reference, options):
     from tide.calibrate import estimate
 

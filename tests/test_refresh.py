@@ -92,3 +92,37 @@ def test_bad_options():
         TideRefresh(CTX, rank="popular")
     with pytest.raises(ValueError, match="cost model"):
         TideRefresh(CTX, cost_fetch=True)
+
+
+def drive_two_layers(prefetch: bool) -> tuple[list[frozenset], int]:
+    """Routing drifts by one expert per step; returns layer 2's fetches at its refreshes and prefetched count."""
+    tide = TideRefresh(PolicyContext(8, (1, 2), 2), refresh_interval=2, first_block_every_step=False,
+                       prefetch_next=prefetch)
+    resident = {1: frozenset(), 2: frozenset()}
+    at_refresh, prefetched = [], 0
+    for step in range(6):
+        counts = {step: 5, step + 1: 4, 7: 1}
+        for layer in (1, 2):
+            plan = tide.plan(StepInfo(1, step, layer), counts, resident[layer], 2)
+            check_plan(plan, counts, resident[layer], 2)
+            resident[layer] = (resident[layer] - plan.evict) | plan.fetch
+            if layer == 2 and step % 2 == 0:
+                at_refresh.append(plan.fetch)
+            if layer == 1:
+                pre = tide.prefetch(StepInfo(1, step, 2), resident[2], 2)
+                if pre is not None:
+                    check_plan(pre, {}, resident[2], 2)
+                    resident[2] = (resident[2] - pre.evict) | pre.fetch
+                    prefetched += len(pre.fetch)
+    return at_refresh, prefetched
+
+
+def test_prefetch_moves_refresh_copies_off_the_critical_path():
+    plain, none = drive_two_layers(False)
+    early, prefetched = drive_two_layers(True)
+    assert none == 0 and plain == [frozenset({0, 1}), frozenset({2, 3}), frozenset({4, 5})]
+    # from step 2 on, the previous step's top ({1,2}, {3,4}) is already loaded: one copy left per refresh
+    assert early == [frozenset({0, 1}), frozenset({3}), frozenset({5})]
+    assert prefetched == 2  # expert 2 before the step-2 refresh, expert 4 before the step-4 one
+    tide = TideRefresh(PolicyContext(8, (1, 2), 2), refresh_interval=2, prefetch_next=True)
+    assert tide.prefetch(StepInfo(1, 3, 2), frozenset(), 2) is None  # no history, and step 3 is no refresh

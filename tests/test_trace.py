@@ -25,7 +25,7 @@ def test_save_load_round_trip(tmp_path, suffix):
 
 @pytest.mark.parametrize("policy, budget, options", [
     ("lru", "3/layer", {}), ("full-offload", "2/layer", {}), ("tide", "5/layer", {"refresh_interval": 3}),
-    ("cpu-fallback", "4/layer", {}),
+    ("cpu-fallback", "4/layer", {}), ("tide", "4/layer", {"refresh_interval": 2, "prefetch_next": True}),
 ])
 def test_replay_traffic_equals_real_execution(tiny_dir, policy, budget, options):
     engine = load(tiny_dir, policy=policy, gpu_budget=budget, **options)
@@ -43,6 +43,6 @@ def test_replay_traffic_equals_real_execution(tiny_dir, policy, budget, options)
     ctx = PolicyContext(engine.config.num_experts, tuple(engine.config.moe_layers), engine.store.slots, popularity)
     fresh = make_policy(policy, ctx, **options)
     out = replay(trace, fresh, engine.store.slots, cost)
-    assert out.bytes_h2d == real["bytes_h2d"]
+    assert out.bytes_h2d == real["bytes_h2d"] and out.prefetched_experts == real["prefetched_experts"]
     assert out.fetched_experts == real["fetched_experts"] and out.streamed_experts == real["streamed_experts"]
     assert (out.pairs_gpu, out.pairs_cpu) == (real["pairs_gpu"], real["pairs_cpu"])

@@ -52,6 +52,8 @@ def runtime_options(f):
         click.option("--cost-fetch", is_flag=True,
                      help="tide: between refreshes, fetch a miss when copy + GPU time beats CPU time (cost model)."),
         click.option("--per-layer-interval", is_flag=True, help="tide, auto: one R per layer from its own trace."),
+        click.option("--prefetch", is_flag=True,
+                     help="tide: load the next layer's likely experts on the copy stream while this layer computes."),
         click.option("--profile", "profile_path", type=click.Path(), default=None,
                      help="Hardware profile JSON (tide calibrate). Default: a quick calibration on this machine."),
     ]
@@ -155,7 +157,8 @@ def policy_options(kw: dict, model_dir: str) -> dict:
         return {}
     r = kw["refresh_interval"]
     opts = {"refresh_interval": r if r == "auto" else _positive_int(r, "--refresh-interval"), "rank": kw["rank"],
-            "cost_fetch": kw["cost_fetch"], "per_layer_interval": kw["per_layer_interval"]}
+            "cost_fetch": kw["cost_fetch"], "per_layer_interval": kw["per_layer_interval"],
+            "prefetch_next": kw["prefetch"]}
     if r != "auto" and kw["per_layer_interval"]:
         raise click.UsageError("--per-layer-interval goes with --refresh-interval auto")
     if not opts["per_layer_interval"]:
@@ -326,6 +329,41 @@ def bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block
         sys.exit(2)
     click.echo(json.dumps(summary))
     if summary.get("failures"):
+        sys.exit(1)
+
+
+@main.command("eval")
+@click.option("--model", "model_dir", default=None, help="Checkpoint directory (default: the built-in model).")
+@click.option("--tasks", default=None, help="Comma-separated lm-eval tasks (default: tide_arith,tide_arith_mc; "
+                                            "also tide_humaneval).")
+@click.option("--policies", default="reference,full-offload,lru,cpu-fallback,tide", show_default=True)
+@click.option("--gpu-budget", default="25%", show_default=True, help="Budget for every policy but reference.")
+@click.option("--limit", type=int, default=None, help="Samples per task (default: all).")
+@click.option("--regime", type=click.Choice(REGIMES), default="block-kv", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default=None)
+@click.option("--cpu-threads", default=1, show_default=True)
+@click.option("--mc-samples", default=8, show_default=True, help="Monte Carlo draws per log-likelihood.")
+@click.option("--refresh-interval", default="4", show_default=True, help="tide's R (auto needs --profile or a "
+                                                                       "calibration).")
+@click.option("--confirm-run-unsafe-code", is_flag=True, help="Allow tasks that execute generated code (HumanEval).")
+@click.option("--check-lossless", is_flag=True, help="Exit 1 if any policy's scores or outputs differ from reference.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run directory (default: results/<date>-<host>-eval).")
+def eval_command(model_dir, tasks, policies, gpu_budget, limit, regime, device, dtype, cpu_threads, mc_samples,
+                 refresh_interval, confirm_run_unsafe_code, check_lossless, out) -> None:
+    """Accuracy with lm-evaluation-harness for each policy, and whether each is lossless."""
+    from evals.harness import run_cli
+
+    try:
+        summary, report = run_cli(model_dir, tasks, policies, gpu_budget, limit, regime, device, dtype, cpu_threads,
+                                  mc_samples, _positive_int(refresh_interval, "--refresh-interval"),
+                                  confirm_run_unsafe_code, out, command="tide " + " ".join(sys.argv[1:]))
+    except (ValueError, FileNotFoundError) as err:
+        raise click.UsageError(str(err)) from None
+    click.echo(report)
+    click.echo(json.dumps(summary))
+    if check_lossless and summary["lossy"]:
         sys.exit(1)
 
 

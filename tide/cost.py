@@ -53,21 +53,23 @@ class CostModel:
     def gpu_s(self, tokens: int) -> float:
         return interpolate(self.gpu_curve, tokens)
 
-    def layer_step_s(self, plan: Plan, counts: Mapping[int, int]) -> float:
+    def layer_step_s(self, plan: Plan, counts: Mapping[int, int], prefetched: int = 0) -> float:
         """Modelled wall time of one layer's routed experts in one forward, as the executor runs them.
 
-        copies = (|fetch| + |stream|) * fetch_s, in sequence on the copy stream;
+        own = (|fetch| + |stream|) * fetch_s, in sequence on the copy stream; then `prefetched` copies for the
+        next layer follow on the same stream;
         gpu_hit = sum gpu_s(n) over experts resident before the plan (runs while the copies land);
-        gpu_new = sum gpu_s(n) over fetched/streamed routed experts (each after its copy);
+        gpu_new = sum gpu_s(n) over fetched/streamed routed experts (each after its own copy);
         cpu = sum cpu_s(n) over plan.cpu, on the worker pool, in parallel with the device.
-        time = max(max(copies, gpu_hit) + gpu_new, cpu)   (max of parallel parts, sum of serial ones)
+        time = max(max(own, gpu_hit) + gpu_new, own + prefetched * fetch_s, cpu)
+        (the max of parallel parts, the sum of serial ones)
         """
         moved = plan.fetch | plan.stream
-        copies = len(moved) * self.fetch_s()
+        own = len(moved) * self.fetch_s()
         gpu_hit = sum(self.gpu_s(n) for e, n in counts.items() if e not in plan.cpu and e not in moved)
         gpu_new = sum(self.gpu_s(counts[e]) for e in moved if e in counts)
         cpu = sum(self.cpu_s(counts[e]) for e in plan.cpu)
-        return max(max(copies, gpu_hit) + gpu_new, cpu)
+        return max(max(own, gpu_hit) + gpu_new, own + prefetched * self.fetch_s(), cpu)
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)

@@ -28,6 +28,7 @@ class LayerStep:
     bytes_h2d: int
     pairs_gpu: int  # (token, expert) pairs computed on the GPU tier
     pairs_cpu: int
+    prefetched_experts: int = 0  # the next layer's experts copied during this layer (counted in bytes_h2d)
     fetch_s: float = 0.0  # copy time (CUDA events on the copy stream; host time on CPU)
     gpu_expert_s: float = 0.0
     cpu_expert_s: float = 0.0  # worker wall time

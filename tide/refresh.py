@@ -7,8 +7,9 @@ residents, at most as many as it promotes; between refreshes every miss runs on 
 carries over between blocks. R = 1 is "refresh every step". Cache-writing forwards (prefill, commit)
 never refresh: their misses run on the CPU.
 Flags beyond the paper: rank="interval" scores by tokens routed since the last refresh (the paper's
-public code ranks by the refresh step alone); `cost` enables the per-expert choice between CPU and
-fetch on non-refresh steps (fetch when copy + GPU time beats CPU time); R may be a per-layer mapping.
+public code ranks by the refresh step alone); `cost_fetch` the per-expert choice between CPU and fetch on
+non-refresh steps (fetch when copy + GPU time beats CPU time); `prefetch_next` loads a layer's likely
+top-C while the layer before it computes; R may be a per-layer mapping.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ RANKS = ("step", "interval")
 @register_policy("tide")
 class TideRefresh:
     def __init__(self, ctx: PolicyContext, refresh_interval: int | Mapping[int, int] = 4, rank: str = "step",
-                 first_block_every_step: bool = True, cost: CostModel | None = None, cost_fetch: bool = False) -> None:
+                 first_block_every_step: bool = True, cost: CostModel | None = None, cost_fetch: bool = False,
+                 prefetch_next: bool = False) -> None:
         if cost_fetch and cost is None:
             raise ValueError("cost_fetch=True needs a cost model (a hardware profile or a calibration)")
         intervals = refresh_interval if isinstance(refresh_interval, Mapping) else dict.fromkeys(
@@ -36,6 +38,8 @@ class TideRefresh:
         self.interval = dict(intervals)
         self.rank, self.first_block_every_step = rank, first_block_every_step
         self.cost = cost if cost_fetch else None  # per-expert CPU-or-fetch choice between refreshes
+        self.prefetch_next = prefetch_next
+        self.last_counts: dict[int, dict[int, int]] = {}  # layer -> tokens per expert in its last denoising forward
         self.hits: dict[int, dict[int, int]] = {layer: {} for layer in ctx.moe_layers}  # tokens since refresh
         self.first_block: int | None = None  # the first block seen denoising = the first generated block
         self.last: tuple[int, int] = (-1, -1)  # (block, step) last seen: going back means a new request
@@ -75,11 +79,33 @@ class TideRefresh:
         self.last = (at.block, at.step)
         if self.first_block is None:
             self.first_block = at.block
-        if self.first_block_every_step and at.block == self.first_block:
+        return self.refresh_due(at)
+
+    def refresh_due(self, at: StepInfo) -> bool:
+        """Whether `at` is a refresh point (no state change; the first block as currently known)."""
+        if at.kind != "denoise":
+            return False
+        if self.first_block_every_step and at.block == (self.first_block if self.first_block is not None
+                                                         else at.block):
             return True
         return at.step % self.interval[at.layer] == 0
 
+    def prefetch(self, at: StepInfo, resident: frozenset[int], slots: int) -> Plan | None:
+        """With prefetch_next: just before layer `at.layer` refreshes, load its likely top-C (ranked by the
+        tokens it routed in its previous forward) on the copy stream while the layer before computes."""
+        last = self.last_counts.get(at.layer)
+        if not self.prefetch_next or not last or not self.refresh_due(at):
+            return None
+        top = sorted(last, key=lambda e: (-last[e], e))[:slots]
+        promote = [e for e in top if e not in resident]
+        hits = self.hits[at.layer]
+        demotable = sorted(resident - set(top), key=lambda e: (hits.get(e, 0), e))
+        evict = demotable[: max(0, len(promote) - (slots - len(resident)))]
+        return Plan(fetch=frozenset(promote), evict=frozenset(evict)) if promote else None
+
     def plan(self, at: StepInfo, counts: Mapping[int, int], resident: frozenset[int], slots: int) -> Plan:
+        if at.kind == "denoise":
+            self.last_counts[at.layer] = dict(counts)
         hits = self.hits[at.layer]
         for e, c in counts.items():
             hits[e] = hits.get(e, 0) + c

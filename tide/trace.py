@@ -78,6 +78,7 @@ class ReplayResult:
     policy: str
     fetched_experts: int = 0
     streamed_experts: int = 0
+    prefetched_experts: int = 0
     bytes_h2d: int = 0
     pairs_gpu: int = 0
     pairs_cpu: int = 0
@@ -105,12 +106,31 @@ def replay(trace: RoutingTrace, policy: Policy, slots: int, cost: CostModel) -> 
         out.streamed_experts += len(plan.stream)
         out.pairs_cpu += sum(r.counts[e] for e in plan.cpu)
         out.pairs_gpu += sum(c for e, c in r.counts.items() if e not in plan.cpu)
+        pre = _prefetch(policy, trace.layers, at, resident, slots)
+        out.prefetched_experts += len(pre)
+        moved += len(pre)
         out.bytes_h2d += moved * cost.expert_bytes
         out.io_s += moved * cost.fetch_s()
         out.cpu_s += sum(cost.cpu_s(r.counts[e]) for e in plan.cpu)
-        out.step_s += cost.layer_step_s(plan, r.counts)
+        out.step_s += cost.layer_step_s(plan, r.counts, prefetched=len(pre))
     return out
 
 
 def _counts(value: str | dict) -> dict:
     return json.loads(value) if isinstance(value, str) else value
+
+
+def _prefetch(policy: Policy, layers: list[int], at: StepInfo, resident: dict[int, frozenset[int]],
+              slots: int) -> frozenset[int]:
+    """Mirror of the executor's prefetch: the policy may load the next layer's experts now."""
+    hook = getattr(policy, "prefetch", None)
+    i = layers.index(at.layer)
+    if hook is None or i + 1 == len(layers):
+        return frozenset()
+    nxt = layers[i + 1]
+    plan = hook(StepInfo(at.block, at.step, nxt, at.kind), resident[nxt], slots)
+    if plan is None:
+        return frozenset()
+    check_plan(plan, {}, resident[nxt], slots, who=f"prefetch, layer {nxt}")
+    resident[nxt] = (resident[nxt] - plan.evict) | plan.fetch
+    return plan.fetch

@@ -45,6 +45,11 @@ def combine(out: Tensor, weights: Tensor, order: Tensor, dtype: torch.dtype) -> 
     return y.view(N, k, -1).sum(dim=1).to(dtype)
 
 
+def next_layer(layers: list[int], layer: int) -> int | None:
+    i = layers.index(layer)
+    return layers[i + 1] if i + 1 < len(layers) else None
+
+
 def swiglu(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
     """x [n, H], gate_up [2I, H], down [H, I] -> down(silu(gate x) * up x), [n, H]."""
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
@@ -91,6 +96,8 @@ class MoEExecutor:
                         sum(counts[e] for e in plan.cpu))
         with self.spans.span(rec, "fetch_s", store.copy_stream):
             store.apply(layer, plan)
+            rec.prefetched_experts = self._prefetch(layer, at)
+            rec.bytes_h2d += rec.prefetched_experts * store.expert_bytes
 
         order, starts = group_by_expert(ids, counts_list)
         xs = x[order // k]  # [N*k, H] inputs in expert order
@@ -125,6 +132,20 @@ class MoEExecutor:
         rec.moe_s = time.perf_counter() - t0
         self.counters.records.append(rec)
         return result
+
+    def _prefetch(self, layer: int, at: StepInfo) -> int:
+        """Let the policy start the next MoE layer's copies now (they overlap this layer's compute)."""
+        hook = getattr(self.policy, "prefetch", None)
+        nxt = next_layer(self.store.layers, layer)
+        if hook is None or nxt is None:
+            return 0
+        resident = self.store.resident(nxt)
+        plan = hook(replace(at, layer=nxt), resident, self.store.slots)
+        if plan is None:
+            return 0
+        check_plan(plan, {}, resident, self.store.slots, who=f"policy {self.policy.name!r} prefetch, layer {nxt}")
+        self.store.apply(nxt, plan)
+        return len(plan.fetch)
 
     def _host_expert(self, layer: int, expert: int, x_host: Tensor) -> tuple[Tensor, float, float]:
         t0 = time.perf_counter()
