@@ -12,7 +12,10 @@ REGIMES ?= block-kv,full
 POLICIES ?= reference,full-offload,lru,cpu-fallback,accelerate,tide
 BENCH_ARGS ?=
 
-.PHONY: venv test bench bench-check microbench lint loc clean
+EVAL_LIMIT ?= 50
+EVAL_ARGS ?=
+
+.PHONY: venv test bench bench-check microbench eval lint loc clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +35,9 @@ bench: venv
 bench-check: venv
 	rm -rf .cache/bench-check
 	$(BIN)/tide --threads 1 bench --model tiny --budgets 25% --repeat 1 --gen-length 32 --projections "" --check --out .cache/bench-check
+
+eval: venv
+	$(BIN)/tide --threads $(THREADS) eval $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --limit $(EVAL_LIMIT) --check-lossless $(EVAL_ARGS)
 
 microbench: venv
 	$(BIN)/pytest -q bench/micro --benchmark-only

@@ -20,30 +20,12 @@ from bench.check import check as run_checks
 from bench.sweep import SweepSpec, projections, run_sweep, variants
 from tide.budget import slots_per_layer
 from tide.calibrate import load_or_calibrate
+from tide.checkpoint import resolve_model
 from tide.config import DecodeConfig, ModelConfig
 from tide.engine import torch_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTIN_MODEL = ROOT / "models" / "tide-tiny-code"
 DEFAULT_PROMPTS = ROOT / "bench" / "prompts.txt"
-
-
-def resolve_model(model: str | None) -> Path:
-    """A checkpoint directory; a preset name writes (once) a seeded random checkpoint under .cache/."""
-    from tide.config import PRESETS
-
-    if model is None:
-        model = str(BUILTIN_MODEL) if (BUILTIN_MODEL / "config.json").is_file() else "tiny"
-    if model in PRESETS:
-        path = ROOT / ".cache" / f"{model}-random"
-        if not (path / "config.json").is_file():
-            from tide.checkpoint import write_random_checkpoint
-            from tide.config import preset
-
-            cfg = preset(model)
-            write_random_checkpoint(cfg, path, seed=0, tokenizer=cfg.vocab_size < 1024)
-        return path
-    return Path(model)
 
 
 def read_prompts(path: str | None) -> list[str]:
