@@ -367,5 +367,19 @@ def eval_command(model_dir, tasks, policies, gpu_budget, limit, regime, device, 
         sys.exit(1)
 
 
+def _register_optional_commands() -> None:
+    """Commands that live beside the engine: training the built-in model, the stability study."""
+    from tide.train import train
+
+    main.add_command(train)
+    try:
+        from bench.stability import stability
+    except ImportError:  # bench is not installed with the package
+        return
+    main.add_command(stability)
+
+
+_register_optional_commands()
+
 if __name__ == "__main__":
     main()
