@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed
 MODEL  ?=
 DEVICE ?= cpu
 THREADS ?= 1
+# float32 on the CPU: the built-in model is stored in bf16, and the upcast is exact; use DTYPE=bfloat16 on a GPU.
+DTYPE ?= float32
 
 BUDGETS ?= 25%,50%
 REGIMES ?= block-kv,full
@@ -30,14 +32,14 @@ test: venv
 	$(BIN)/pytest -q
 
 bench: venv
-	$(BIN)/tide --threads $(THREADS) bench $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --budgets $(BUDGETS) --regime $(REGIMES) --policies $(POLICIES) $(BENCH_ARGS)
+	$(BIN)/tide --threads $(THREADS) bench $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) --budgets $(BUDGETS) --regime $(REGIMES) --policies $(POLICIES) $(BENCH_ARGS)
 
 bench-check: venv
 	rm -rf .cache/bench-check
 	$(BIN)/tide --threads 1 bench --model tiny --budgets 25% --repeat 1 --gen-length 32 --projections "" --check --out .cache/bench-check
 
 eval: venv
-	$(BIN)/tide --threads $(THREADS) eval $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --limit $(EVAL_LIMIT) --check-lossless $(EVAL_ARGS)
+	$(BIN)/tide --threads $(THREADS) eval $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) --limit $(EVAL_LIMIT) --check-lossless $(EVAL_ARGS)
 
 microbench: venv
 	$(BIN)/pytest -q bench/micro --benchmark-only
