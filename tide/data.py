@@ -1,10 +1,11 @@
 """Training data for the built-in model: standard-library Python source plus generated exact-answer tasks.
 
 Owns the corpus (the running interpreter's stdlib `.py` files, sorted, test dirs excluded, every 20th file
-held out), the task family (`12+35=47`, `copy 4821=4821`, `rev 4821=1284`, held out by a hash of the
-prompt), the byte-level BPE tokenizer (digits split one per token so arithmetic is learnable) and the
-batches. Every sample ends with EOS and is padded with EOS, as `tide.decode` stops on EOS. Deterministic
-for a seed. Knows nothing about the model.
+held out), the task family (`07+35=042`, `copy 4821=4821`, `rev 4821=1284`, held out by a hash of the
+prompt; fixed widths, so every answer digit sits at a fixed offset from the digits it comes from), the
+byte-level BPE tokenizer (digits split one per token so arithmetic is learnable) and the batches. Every
+sample ends with EOS and is padded with EOS, as `tide.decode` stops on EOS. Deterministic for a seed.
+Knows nothing about the model.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ PAD, EOS, MASK = "<|pad|>", "<|endoftext|>", "<|mask|>"
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 HELD_OUT_EVERY = 20  # every 20th stdlib file (sorted order) is held out
 FAMILIES = ("add", "copy", "rev")
+ADD_DIGITS, COPY_DIGITS = 2, 4  # operands 00..99 (answer 000..198, three digits); copy/rev strings of 4 digits
 
 
 def stdlib_files(root: str | Path | None = None, max_file_bytes: int = 200_000) -> list[Path]:
@@ -43,8 +45,8 @@ def split_files(files: list[Path]) -> tuple[list[Path], list[Path]]:
 
 @dataclass(frozen=True)
 class Task:
-    prompt: str  # e.g. "12+35="
-    answer: str  # e.g. "47"
+    prompt: str  # e.g. "07+35="
+    answer: str  # e.g. "042"
     family: str
 
     @property
@@ -54,11 +56,17 @@ class Task:
 
 
 def make_task(rng: random.Random) -> Task:
+    """One task, zero-padded to fixed widths.
+
+    Fixed widths put each answer digit at a constant distance from its source digits, a lookup that
+    relative (RoPE) attention learns early; with variable widths (`12+5=17`, 3-8 digit copies) the first
+    built-in model stayed at 0-2% exact match after 900 steps (model card, git history).
+    """
     family = rng.choice(FAMILIES)
     if family == "add":
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        return Task(f"{a}+{b}=", str(a + b), family)
-    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 8)))
+        a, b = rng.randrange(10 ** ADD_DIGITS), rng.randrange(10 ** ADD_DIGITS)
+        return Task(f"{a:0{ADD_DIGITS}d}+{b:0{ADD_DIGITS}d}=", f"{a + b:0{ADD_DIGITS + 1}d}", family)
+    digits = "".join(rng.choice("0123456789") for _ in range(COPY_DIGITS))
     return Task(f"{family} {digits}=", digits if family == "copy" else digits[::-1], family)
 
 

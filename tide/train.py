@@ -36,9 +36,9 @@ from tide.policy import StepInfo
 class TrainConfig:
     out: str
     seed: int = 0
-    steps: int = 900
-    batch_size: int = 8  # code rows of seq_len per step
-    task_batch_size: int = 32  # task rows of one block per step
+    steps: int = 1600
+    batch_size: int = 6  # code rows of seq_len per step
+    task_batch_size: int = 64  # task rows of one block per step
     seq_len: int = 128
     block_length: int = 32  # = DecodeConfig.block_length, the block the decoder denoises
     lr: float = 2e-3
@@ -51,7 +51,7 @@ class TrainConfig:
     num_hidden_layers: int = 5
     num_experts: int = 32
     moe_intermediate_size: int = 64
-    threads: int = 1  # 2 is ~1.5x faster on idle cores but stalls badly when another process shares them
+    threads: int = 2  # ~1.5x faster than 1 on two idle cores; use 1 when another process shares them
     log_every: int = 50
     eval_every: int = 250
 

@@ -29,7 +29,7 @@ def load_arith(**kwargs) -> DatasetDict:
 
 
 def load_arith_mc(**kwargs) -> DatasetDict:
-    """Addition questions with three near-miss distractors (answer +-1, +10), the right one at a seeded place."""
+    """Addition questions with near-miss distractors (answer +-1, +10, same width), the right one at a seeded place."""
     from tide.data import tasks
 
     rng = random.Random(ARITH_SEED)
@@ -37,8 +37,8 @@ def load_arith_mc(**kwargs) -> DatasetDict:
     for t in tasks(ARITH_N * 3, ARITH_SEED, held_out=True):
         if t.family != "add":
             continue
-        value = int(t.answer)
-        wrong = [str(v) for v in (value + 1, abs(value - 1), value + 10) if str(v) != t.answer][:3]
+        value, width = int(t.answer), len(t.answer)  # distractors zero-padded like the answer ("042")
+        wrong = [f"{v:0{width}d}" for v in dict.fromkeys((value + 1, abs(value - 1), value + 10)) if v != value]
         choices = wrong[:]
         label = rng.randrange(len(choices) + 1)
         choices.insert(label, t.answer)
