@@ -37,8 +37,8 @@ class TrainConfig:
     out: str
     seed: int = 0
     steps: int = 1600
-    batch_size: int = 6  # code rows of seq_len per step
-    task_batch_size: int = 64  # task rows of one block per step
+    batch_size: int = 20  # code rows of seq_len per step
+    task_batch_size: int = 24  # task rows of one block per step
     seq_len: int = 128
     block_length: int = 32  # = DecodeConfig.block_length, the block the decoder denoises
     lr: float = 2e-3
@@ -46,7 +46,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     bias_rate: float = 1e-3  # expert_bias step per optimizer step (DeepSeek-V3's gamma)
     eps: float = 0.1  # mask ratio t ~ U(eps, 1), per block
-    vocab_size: int = 4096
+    vocab_size: int = 2048
     hidden_size: int = 256
     num_hidden_layers: int = 5
     num_experts: int = 32
@@ -75,14 +75,18 @@ def model_config(tc: TrainConfig, ids: dict[str, int]) -> ModelConfig:
 
 
 class TrainableExperts(nn.Module):
-    """The routed experts as parameters: gate_up [L, E, 2I, H], down [L, E, H, I]; an ExpertExecutor."""
+    """The routed experts as parameters, per MoE layer: gate_up [E, 2I, H], down [E, H, I]; an ExpertExecutor.
+
+    One tensor per layer, not one [L, E, ...] tensor: indexing a stacked tensor costs a backward that zero-fills
+    the whole stack for every layer call (a fifth of a training step on CPU).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         L, E, I, H = len(cfg.moe_layers), cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
         self.index = {layer: i for i, layer in enumerate(cfg.moe_layers)}
-        self.gate_up = nn.Parameter(torch.empty(L, E, 2 * I, H))
-        self.down = nn.Parameter(torch.empty(L, E, H, I))
+        self.gate_up = nn.ParameterList(nn.Parameter(torch.empty(E, 2 * I, H)) for _ in range(L))
+        self.down = nn.ParameterList(nn.Parameter(torch.empty(E, H, I)) for _ in range(L))
         self.register_buffer("loads", torch.zeros(L, E))  # tokens per expert since the last bias update
 
     def forward(self, layer: int, x: Tensor, ids: Tensor, weights: Tensor, at: StepInfo) -> Tensor:
@@ -93,17 +97,19 @@ class TrainableExperts(nn.Module):
         order, ranges = group_by_expert(ids, counts.tolist())
         xs = x[order // k]  # [N*k, H] inputs in expert order
         # Expert ranges tile [0, N*k) in expert order, so cat equals inference's `out[s:t] = swiglu(...)`.
-        out = torch.cat([swiglu(xs[s:t], gate_up[e], down[e]) for e, (s, t) in ranges.items()])
+        # split, not xs[s:t]: a slice's backward zero-fills all of xs once per expert.
+        chunks = xs.split([t - s for s, t in ranges.values()])
+        out = torch.cat([swiglu(c, gate_up[e], down[e]) for e, c in zip(ranges, chunks)])
         return combine(out, weights, order, x.dtype)
 
     def tensors(self, cfg: ModelConfig):
         """(name, tensor) under the official per-expert names."""
         for layer, i in self.index.items():
             for e in range(cfg.num_experts):
-                gate, up = self.gate_up[i, e].detach().chunk(2, dim=0)
+                gate, up = self.gate_up[i][e].detach().chunk(2, dim=0)
                 yield expert_name(layer, e, "gate_proj"), gate
                 yield expert_name(layer, e, "up_proj"), up
-                yield expert_name(layer, e, "down_proj"), self.down[i, e].detach()
+                yield expert_name(layer, e, "down_proj"), self.down[i][e].detach()
 
 
 def init_weights(model: LLaDA2Model, experts: TrainableExperts, seed: int) -> None:
@@ -115,7 +121,8 @@ def init_weights(model: LLaDA2Model, experts: TrainableExperts, seed: int) -> No
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                std = out_std if name.endswith(("dense.weight", "down_proj.weight", "down")) else 0.02
+                residual_out = name.endswith(("dense.weight", "down_proj.weight")) or name.startswith("down.")
+                std = out_std if residual_out else 0.02
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
