@@ -99,7 +99,7 @@ class TrainableExperts(nn.Module):
         # Expert ranges tile [0, N*k) in expert order, so cat equals inference's `out[s:t] = swiglu(...)`.
         # split, not xs[s:t]: a slice's backward zero-fills all of xs once per expert.
         chunks = xs.split([t - s for s, t in ranges.values()])
-        out = torch.cat([swiglu(c, gate_up[e], down[e]) for e, c in zip(ranges, chunks)])
+        out = torch.cat([swiglu(c, gate_up[e], down[e]) for e, c in zip(ranges, chunks, strict=True)])
         return combine(out, weights, order, x.dtype)
 
     def tensors(self, cfg: ModelConfig):
