@@ -6,8 +6,8 @@ STAMP  := $(VENV)/.installed
 MODEL  ?=
 DEVICE ?= cpu
 THREADS ?= 1
-# float32 on the CPU: the built-in model is stored in bf16, and the upcast is exact; use DTYPE=bfloat16 on a GPU.
-DTYPE ?= float32
+# float32 on the CPU (the built-in model is stored in bf16 and the upcast is exact); bfloat16 on a GPU.
+DTYPE ?= $(if $(filter cuda%,$(DEVICE)),bfloat16,float32)
 
 BUDGETS ?= 25%,50%
 REGIMES ?= block-kv,full
@@ -16,8 +16,11 @@ BENCH_ARGS ?=
 
 EVAL_LIMIT ?= 50
 EVAL_ARGS ?=
+# make reproduce: the paper's MBPP experiment (MODEL=DIR, a local LLaDA2.0 checkpoint); without MODEL, the
+# same pipeline on the built-in model and task. REPRODUCE_ARGS e.g. "--data sanitized-mbpp.json --limit 50".
+REPRODUCE_ARGS ?=
 
-.PHONY: venv test bench bench-check microbench eval lint loc clean
+.PHONY: venv test bench bench-check microbench eval reproduce lint loc clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,10 +39,13 @@ bench: venv
 
 bench-check: venv
 	rm -rf .cache/bench-check
-	$(BIN)/tide --threads 1 bench --model tiny --budgets 25% --repeat 1 --gen-length 32 --projections "" --check --out .cache/bench-check
+	$(BIN)/tide --threads 1 bench --model preset:tiny --budgets 25% --repeat 1 --gen-length 32 --projections "" --check --out .cache/bench-check
 
 eval: venv
 	$(BIN)/tide --threads $(THREADS) eval $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) --limit $(EVAL_LIMIT) --check-lossless $(EVAL_ARGS)
+
+reproduce: venv
+	$(BIN)/tide --threads $(THREADS) reproduce $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) $(REPRODUCE_ARGS)
 
 microbench: venv
 	$(BIN)/pytest -q bench/micro --benchmark-only
@@ -48,7 +54,7 @@ lint: venv
 	$(BIN)/ruff check tide baselines bench evals tests
 
 loc:
-	@wc -l tide/*.py tide/*/*.py baselines/*.py bench/*.py evals/*.py 2>/dev/null | sort -n
+	@wc -l tide/*.py tide/experts/*.py baselines/*.py bench/*.py evals/*.py evals/tasks/*.py 2>/dev/null | sort -n
 
 clean:
 	rm -rf $(VENV) .cache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bench.sweep import COLUMNS
+from tide.bench.sweep import COLUMNS
 from tide.cost import CostModel
 from tide.planner import solve_interval
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.sweep import BASELINES
+from tide.bench.sweep import BASELINES
 
 KEYS = ["variant", "budget", "slots_per_layer", "regime"]
 
@@ -107,10 +107,15 @@ def plot(bench: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, len(regimes), figsize=(6 * len(regimes), 4), squeeze=False)
     for ax, regime in zip(axes[0], regimes, strict=True):
         for variant, grp in s[s.regime == regime].groupby("variant", sort=False):
+            if variant == "reference":  # no budget: a horizontal line, its min-max as a band
+                ref = grp.iloc[0]
+                ax.axhline(ref.tokens_per_s, ls="--", color="black", label="reference (all resident)")
+                ax.axhspan(ref.tps_min, ref.tps_max, color="black", alpha=0.08)
+                continue
             grp = grp.sort_values("slots_per_layer")
-            style = "--" if variant == "reference" else "-o"
-            ax.plot(grp.slots_per_layer, grp.tokens_per_s, style, label=variant)
-        ax.set_title(f"regime {regime} (measured)")
+            spread = [grp.tokens_per_s - grp.tps_min, grp.tps_max - grp.tokens_per_s]
+            ax.errorbar(grp.slots_per_layer, grp.tokens_per_s, yerr=spread, fmt="-o", capsize=3, label=variant)
+        ax.set_title(f"regime {regime} (measured; bars: min-max over repeats)")
         ax.set_xlabel("GPU expert slots per layer")
         ax.set_ylabel("tokens / s")
         ax.grid(alpha=0.3)

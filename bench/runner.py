@@ -6,52 +6,55 @@ env.json) and the card printed before measuring. The measuring itself is bench/s
 
 from __future__ import annotations
 
-import datetime
 import json
-import platform
 from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
 
-from bench import report
-from bench.bounds import oracle_bound_s
-from bench.check import check as run_checks
-from bench.sweep import SweepSpec, projections, run_sweep, variants
+from tide.bench import report
+from tide.bench.bounds import oracle_bound_s
+from tide.bench.check import check as run_checks
+from tide.bench.sweep import SweepSpec, projections, run_sweep, variants
 from tide.budget import slots_per_layer
 from tide.calibrate import load_or_calibrate
-from tide.checkpoint import resolve_model
 from tide.config import DecodeConfig, ModelConfig
 from tide.engine import torch_dtype
+from tide.hub import new_run_dir, resolve_model
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PROMPTS = ROOT / "bench" / "prompts.txt"
+DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts.jsonl"
 
 
 def read_prompts(path: str | None) -> list[str]:
-    text = Path(path or DEFAULT_PROMPTS).read_text()
-    prompts = [p.strip("\n") for p in text.split("\n\n") if p.strip()]
+    """Prompts from a JSONL file: one JSON string per line (code prompts keep their blank lines)."""
+    path = Path(path or DEFAULT_PROMPTS)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise FileNotFoundError(f"{path}: cannot read the prompts file ({err.strerror})") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            prompt = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not JSON ({err.msg}); write one JSON string per line") from None
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"{path}:{n}: expected a non-empty JSON string, got {type(prompt).__name__}")
+        prompts.append(prompt)
     if not prompts:
-        raise ValueError(f"{path or DEFAULT_PROMPTS}: no prompts (separate prompts with a blank line)")
+        raise ValueError(f"{path}: no prompts (one JSON string per line)")
     return prompts
-
-
-def new_run_dir(out: str | None, model: Path) -> Path:
-    if out:
-        path = Path(out)
-    else:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = ROOT / "results" / f"{stamp}-{platform.node() or 'host'}-{model.name}"
-    if path.exists() and any(path.iterdir()):
-        raise ValueError(f"{path}: run directory exists and is not empty (results are never overwritten)")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps, threshold,
               device, dtype, cpu_threads, repeat, profile_path, refresh_interval, machines, out, check,
-              command: str) -> dict:
-    model = resolve_model(model_dir)
+              command: str, chat: bool = False) -> dict:
+    notes: list[str] = []
+    model = resolve_model(model_dir, notes)
+    for note in notes:
+        print(f"note: {note}")
     cfg = ModelConfig.from_json(model / "config.json")
     policy_list = [p.strip() for p in policies.split(",") if p.strip()]
     variants(policy_list)  # validate names early
@@ -63,9 +66,9 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
     cost = load_or_calibrate(profile_path, cfg.hidden_size, cfg.moe_intermediate_size, torch_dtype(dtype, cfg),
                              device, cpu_threads)
     tide_options = {} if refresh_interval == "auto" else {"refresh_interval": int(refresh_interval)}
-    run_dir = new_run_dir(out, model)
+    run_dir = new_run_dir(out, model.name)
     spec = SweepSpec(str(model), policy_list, budget_list, [r for r in regime_list], read_prompts(prompts_path),
-                     decode, device, dtype, cpu_threads, repeat, cost, run_dir, tide_options)
+                     decode, device, dtype, cpu_threads, repeat, cost, run_dir, tide_options, chat)
     card = card_lines(spec, cfg, cost)
     for line in card:
         print(f"card: {line}")

@@ -3,7 +3,7 @@
 Owns the stability metrics, pure functions of a RoutingTrace's denoising records: cosine similarity of
 per-expert token counts and top-C overlap between steps s and s+k, the token-weighted hit ratio of a top-C
 set kept R steps, unique experts per step, and TIDE's drift d (tide.planner.drift_stats, so the cost model
-and this study agree). The `stability` command decodes bench/prompts.txt in both regimes under the reference
+and this study agree). The `stability` command decodes bench/prompts.jsonl in both regimes under the reference
 policy and writes stability.csv, stability.md, cosine.png, hit_ratio.png and env.json to a fresh directory.
 It times nothing: every number is a count of routed (token, expert) pairs.
 """
@@ -167,7 +167,7 @@ def verdict(df: pd.DataFrame, regime: str, tokens_per_step: float) -> str:
 def markdown(df: pd.DataFrame, env: dict) -> str:
     import pandas as pd
 
-    from bench.report import table
+    from tide.bench.report import table
 
     regimes, sizes, m, dc, hw = env["regimes"], env["set_sizes"], env["model_shape"], env["decode"], env["machine"]
     per_layer: dict[str, list] = {"layer": [*sorted({x for x in df.layer if x != ALL}, key=int), ALL]}
@@ -237,8 +237,9 @@ def plot(df: pd.DataFrame, regimes: list[str], sizes: list[int], out: Path) -> N
 
 # ---- command -----------------------------------------------------------------------------------------------
 @click.command()
-@click.option("--model", default=None, help="Checkpoint directory or preset name (default: the built-in model).")
-@click.option("--prompts", "prompts_path", default=None, help="Blank-line separated prompts [bench/prompts.txt].")
+@click.option("--model", default=None, help="Checkpoint directory, hub id or preset:NAME [built-in model].")
+@click.option("--prompts", "prompts_path", default=None,
+              help="JSONL prompts, one JSON string per line [bench/prompts.jsonl].")
 @click.option("--gen-length", default=128, show_default=True, help="Tokens to generate at most.")
 @click.option("--block-length", default=32, show_default=True, help="Tokens per diffusion block.")
 @click.option("--steps", default=32, show_default=True, help="Denoising steps per block at most.")
@@ -250,11 +251,11 @@ def stability(model: str | None, prompts_path: str | None, gen_length: int, bloc
     """Routing stability across denoising steps, both regimes, reference policy (issue #7 part 5)."""
     import pandas as pd
 
-    from bench.runner import DEFAULT_PROMPTS, ROOT, new_run_dir, read_prompts
+    from tide.bench.runner import DEFAULT_PROMPTS, read_prompts
     from tide.calibrate import machine_stamp
-    from tide.checkpoint import resolve_model
     from tide.config import REGIMES, DecodeConfig
     from tide.engine import load
+    from tide.hub import new_run_dir, resolve_model, results_root
 
     fractions, regimes, prompts_path = (0.25, 0.5), list(REGIMES), str(prompts_path or DEFAULT_PROMPTS)
     try:
@@ -262,7 +263,7 @@ def stability(model: str | None, prompts_path: str | None, gen_length: int, bloc
         cfgs = {r: DecodeConfig(gen_length=gen_length, block_length=block_length, steps=steps, threshold=threshold,
                                 regime=r) for r in regimes}
         texts = read_prompts(prompts_path)
-        run_dir = new_run_dir(out or str(ROOT / "results" / "stability"), path)
+        run_dir = new_run_dir(out or str(results_root() / "stability"), "stability")
         engine = load(path, device=device)
         prompts = [engine.encode(t) for t in texts]
     except (ValueError, FileNotFoundError) as err:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.bounds import oracle_bound_s
-from bench.hardware import stamp
+from tide.bench.bounds import oracle_bound_s
+from tide.bench.hardware import stamp
 from tide.calibrate import estimate
 from tide.config import DecodeConfig
 from tide.cost import CostModel
@@ -53,6 +53,7 @@ class SweepSpec:
     cost: CostModel | None = None  # for tide's planner (refresh_interval auto) and --cost-fetch variants
     out: Path = Path("results/bench")
     tide_options: dict = field(default_factory=dict)
+    chat: bool = False  # prompts wrapped in the tokenizer's chat template
 
 
 def variants(policies: list[str]) -> list[tuple[str, str, dict]]:
@@ -82,7 +83,7 @@ def run_sweep(spec: SweepSpec, on_row: Callable[[dict], None] | None = None) -> 
     first_budget = spec.budgets[0]
     engine = load(spec.model, policy="lru", gpu_budget=first_budget, device=spec.device, dtype=spec.dtype,
                   cpu_threads=spec.cpu_threads)
-    prompts = [engine.encode(p) for p in spec.prompts]
+    prompts = [engine.encode(p, spec.chat) for p in spec.prompts]
     hw = stamp(spec.device, spec.cpu_threads)
     cfg = engine.config
     shape = {"model": str(spec.model), "num_hidden_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,

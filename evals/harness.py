@@ -1,137 +1,310 @@
-"""`tide eval`: lm-eval's simple_evaluate for each policy on offline tasks, and the losslessness verdict.
+"""`tide eval`: lm-eval tasks under every policy x budget x regime, through one engine, with the losslessness verdict.
 
-Writes eval.csv (task x metric x policy, with stderr and the fraction of samples whose output is identical
-to the reference policy's) and eval.md, where any policy whose score or outputs differ is flagged LOSSY.
-Hub access is switched off for the run (HF_DATASETS_OFFLINE, HF_HUB_OFFLINE): every task is local.
+The checkpoint is loaded once; each run re-configures the engine (`Engine.configure`, which frees the previous
+device tier) and hands lm-eval a fresh `TideLM` over it. The comparison policy (`against`) runs first in each
+regime: `reference` (all experts resident) when its expert memory fits the device, else `full-offload` (the same
+kernels on the same rows, so also exact); the output says which and why. Per run and task, eval.csv holds the
+metric with its stderr, the throughput of that very run (generated tokens/s, forwards, MB host->device, GPU hit
+ratio) and the fraction of samples whose output (token ids, or the log-likelihood value) equals the comparison
+run's. A run whose outputs or scores differ is flagged LOSSY. Files are rewritten after every run (temp + rename),
+so an interrupted evaluation keeps the runs that finished; lm-eval's own results and samples files are written
+by its EvaluationTracker under lm_eval/<run>/.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from tide.config import DecodeConfig
+
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
+OUR_TASKS = ("tide_arith", "tide_arith_mc", "tide_humaneval", "tide_mbpp_sanitized")
 DEFAULT_TASKS = ("tide_arith", "tide_arith_mc")
+DEFAULT_POLICIES = ("reference", "full-offload", "lru", "cpu-fallback", "tide")
+EXACT = ("reference", "full-offload")  # comparison policies: both compute every expert on the device tier
+WARMUP = DecodeConfig(gen_length=32, block_length=32, steps=8)
 
 
 @dataclass
-class EvalRun:
-    label: str  # policy name as shown
-    lm: Any  # a TideLM
-    budget: str | None = None
-    results: dict = field(default_factory=dict)
+class EvalSpec:
+    model: str | None = None
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    policies: list[str] = field(default_factory=lambda: list(DEFAULT_POLICIES))
+    budgets: list[str] = field(default_factory=lambda: ["25%"])
+    regimes: list[str] = field(default_factory=lambda: ["block-kv"])
+    against: str = "auto"  # reference | full-offload | auto
+    decode: dict[str, Any] = field(default_factory=dict)  # TideLM decode model_args that govern (given flags only)
+    apply_chat_template: bool = False
+    log_samples: bool = False
+    limit: int | None = None
+    include_path: str | None = None
+    offline: bool = False
+    data: str | None = None  # local MBPP sanitized file
+    mc_samples: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str | None = None
+    cpu_threads: int = 1
+    refresh_interval: int | str = 4
+    profile: str | None = None
+    confirm_unsafe_code: bool = False
+    out: str | None = None
+    command: str = ""
 
 
-def task_manager():
+# ---- tasks -----------------------------------------------------------------------------------------------
+def task_manager(include_path: str | None = None, data: str | None = None):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASK_DIR), include_defaults=False)
+    paths = [str(TASK_DIR)] + ([include_path] if include_path else [])
+    return TaskManager(include_path=paths, include_defaults=True, metadata={"mbpp_data": data} if data else None)
 
 
-def evaluate(runs: list[EvalRun], tasks: list[str], limit: int | None, confirm_unsafe_code: bool = False) -> None:
+def check_tasks(manager, names: list[str]) -> None:
+    """Unknown names and datasets that cannot be loaded, each as one sentence, before any model is loaded."""
+    known = set(manager.all_tasks)
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown task {name!r}: TIDE's tasks are {', '.join(OUR_TASKS)}; lm-eval knows "
+                             f"{len(known)} more tasks and groups (`lm-eval ls tasks`){hint}")
+    try:
+        manager.load(names)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"tasks {names}: {err}") from None
+    except Exception as err:  # datasets raise many types (offline mode, HTTP, missing configs)
+        raise ValueError(f"tasks {names}: a dataset could not be loaded ({type(err).__name__}: {err}); without "
+                         "the hub it must already be in the Hugging Face cache (HF_HOME)") from None
+
+
+# ---- runs ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    policy: str
+    budget: str  # "all" for reference
+    regime: str
+
+    @property
+    def slug(self) -> str:
+        return f"{self.policy}-{self.budget.replace('/', 'per').replace('%', 'pct')}-{self.regime}"
+
+
+def plan_runs(spec: EvalSpec, against: str) -> list[Run]:
+    """The comparison run first in each regime, then every policy at every budget (reference once: no budget)."""
+    runs = []
+    for regime in spec.regimes:
+        first = Run(against, "all" if against == "reference" else spec.budgets[0], regime)
+        runs.append(first)
+        for budget in spec.budgets:
+            for policy in spec.policies:
+                run = Run(policy, "all" if policy == "reference" else budget, regime)
+                if run not in runs:
+                    runs.append(run)
+    return runs
+
+
+def choose_against(spec: EvalSpec, engine) -> tuple[str, str]:
+    """(policy, why): the exact comparison the evaluation is measured against."""
+    fits, why = all_resident_fits(engine)
+    if spec.against != "auto":
+        if spec.against not in EXACT:
+            raise ValueError(f"--against {spec.against!r}: choose reference, full-offload or auto")
+        if spec.against == "reference" and not fits:
+            raise ValueError(f"--against reference: {why}; use --against full-offload")
+        return spec.against, f"chosen with --against ({why})"
+    return ("reference", why + ": it fits") if fits else ("full-offload", why + ": it does not fit, so full-offload "
+                                                          "(same kernels, same rows) is the exact comparison")
+
+
+def all_resident_fits(engine) -> tuple[bool, str]:
+    import torch
+
+    store = engine.store
+    need = (store.num_experts * len(store.layers) + engine.staging) * store.expert_bytes
+    if store.device.type == "cuda":
+        free, where = torch.cuda.mem_get_info(store.device)[0], f"free on {store.device}"
+    else:
+        import psutil
+
+        free, where = psutil.virtual_memory().available, "of available host memory"
+    free += store.device_bytes  # what our own device tier holds now is freed before the next one
+    return need <= free, (f"the all-resident reference needs {need / 1e9:.2f} GB of expert memory, "
+                          f"{free / 1e9:.2f} GB {where}")
+
+
+def run_eval(spec: EvalSpec, on_run=None) -> tuple[dict[str, Any], list[dict], dict[str, Any]]:
+    """Everything `tide eval` does; returns the summary (run directory, rows, LOSSY runs), the rows, the header."""
+    import tide.baselines  # noqa: F401  (registers the baseline policies)
+    import tide.refresh  # noqa: F401
+    from tide.engine import load
+    from tide.hub import new_run_dir, resolve_model
+
+    if spec.offline or all(t in OUR_TASKS for t in spec.tasks):
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    notes: list[str] = []
+    model = resolve_model(spec.model, notes)
+    manager = task_manager(spec.include_path, spec.data)
+    check_tasks(manager, spec.tasks)
+    run_dir = new_run_dir(spec.out, "eval")
+    engine = load(model, policy="full-offload", gpu_budget=spec.budgets[0], device=spec.device, dtype=spec.dtype,
+                  cpu_threads=spec.cpu_threads)
+    notes += engine.notes
+    against, why = choose_against(spec, engine)
+    runs = plan_runs(spec, against)
+    if "reference" in spec.policies and against != "reference" and not all_resident_fits(engine)[0]:
+        runs = [r for r in runs if r.policy != "reference"]
+        notes.append(f"reference skipped: {why}")
+    header = run_header(spec, model, against, why, notes)
+    comparison: dict[str, dict] = {}  # regime -> outputs of the comparison run
+    table: list[dict] = []
+    for run in runs:
+        lm = evaluate_run(spec, engine, run, manager, model, run_dir)
+        outputs = outputs_of(lm)
+        first = run.regime not in comparison  # plan_runs puts the comparison run first in each regime
+        if first:
+            comparison[run.regime] = outputs
+        table += rows(run, lm, comparison[run.regime], against, first)
+        write(table, header, run_dir)
+        if on_run:
+            on_run(run, table)
+        del lm
+    engine.executor.close()
+    lossy = sorted({f"{r['policy']}@{r['budget']}/{r['regime']}" for r in table if r["lossless"] is False})
+    return {"out": str(run_dir), "rows": len(table), "against": against, "lossy": lossy}, table, header
+
+
+def evaluate_run(spec: EvalSpec, engine, run: Run, manager, model: Path, run_dir: Path):
+    """One lm-eval pass of `run` over the shared engine; lm-eval's results (and samples) under lm_eval/<run>/."""
     from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    manager = task_manager()
-    for run in runs:
-        run.results = simple_evaluate(model=run.lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                      log_samples=False, bootstrap_iters=100,
-                                      confirm_run_unsafe_code=confirm_unsafe_code)["results"]
+    from tide.evals.lm_eval_model import TideLM
+
+    options: dict[str, Any] = {}
+    if run.policy == "tide":
+        options = {"refresh_interval": spec.refresh_interval}
+        if spec.refresh_interval == "auto":
+            from tide.calibrate import load_or_calibrate
+
+            cfg = engine.config
+            options["cost"] = load_or_calibrate(spec.profile, cfg.hidden_size, cfg.moe_intermediate_size,
+                                                engine.store.dtype, spec.device, spec.cpu_threads)
+    engine.configure(run.policy, None if run.budget == "all" else run.budget, **options)
+    engine.run(engine.encode("warm-up"), WARMUP)  # untimed, as in tide bench: first-call costs stay out of tok/s
+    extra = {"mc_samples": spec.mc_samples} if spec.mc_samples else {}
+    lm = TideLM(str(model), policy=run.policy, engine=engine, decode_from="model", seed=spec.seed,
+                **{**spec.decode, "regime": run.regime}, **extra)
+    tracker = EvaluationTracker(output_path=str(run_dir / "lm_eval" / run.slug))
+    results = simple_evaluate(model=lm, model_args=f"pretrained={model.name},policy={run.policy},"
+                              f"gpu_budget={run.budget},regime={run.regime}", tasks=list(spec.tasks),
+                              task_manager=manager, limit=spec.limit, log_samples=spec.log_samples,
+                              evaluation_tracker=tracker, apply_chat_template=spec.apply_chat_template,
+                              confirm_run_unsafe_code=spec.confirm_unsafe_code, bootstrap_iters=1000,
+                              random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed,
+                              fewshot_random_seed=spec.seed)
+    samples = results.pop("samples", None)
+    tracker.save_results_aggregated(results=results, samples=samples)
+    for task in results.get("configs", {}) if samples else ():
+        tracker.save_results_samples(task_name=task, samples=samples[task])
+    lm.results = results["results"]
+    return lm
 
 
-def rows(runs: list[EvalRun], reference: str = "reference") -> list[dict]:
-    """One row per (task, metric, policy), with identity against the reference run's outputs."""
-    ref = next((r for r in runs if r.label == reference), None)
-    ref_out = {(x["task"], x["doc_id"], x["idx"]): x["output"] for x in ref.lm.records} if ref else {}
+def outputs_of(lm) -> dict[tuple, Any]:
+    return {(x["task"], x["doc_id"], x["idx"]): x["output"] for x in lm.records}
+
+
+def rows(run: Run, lm, against_outputs: dict[tuple, Any], against: str, is_comparison: bool = False) -> list[dict]:
+    """One row per (task, metric) of one run: value, stderr, throughput, identity with the comparison run."""
+    mine = outputs_of(lm)
     out = []
-    for run in runs:
-        mine = {(x["task"], x["doc_id"], x["idx"]): x["output"] for x in run.lm.records}
-        for task, metrics in run.results.items():
-            keys = [k for k in mine if k[0] == task]
-            same = [mine[k] == ref_out.get(k) for k in keys] if ref else []
-            for name, value in metrics.items():
-                metric, _, flt = name.partition(",")
-                meta = metric.endswith("_stderr") or metric in ("alias", "sample_len")
-                if meta or not isinstance(value, int | float):
-                    continue
-                stderr = metrics.get(f"{metric}_stderr,{flt}")
-                out.append({"task": task, "metric": metric, "value": value,
-                            "stderr": stderr if isinstance(stderr, int | float) else None, "policy": run.label,
-                            "budget": run.budget or "all", "samples": len(keys),
-                            "identical_fraction": sum(same) / len(same) if same else None})
-    if ref:
-        ref_values = {(r["task"], r["metric"]): r["value"] for r in out if r["policy"] == reference}
-        for r in out:
-            r["lossless"] = (r["identical_fraction"] == 1.0 and r["value"] == ref_values.get((r["task"], r["metric"])))
+    for task, metrics in lm.results.items():
+        recs = [x for x in lm.records if x["task"] == task]
+        keys = [k for k in mine if k[0] == task]
+        same = [k in against_outputs and mine[k] == against_outputs[k] for k in keys]
+        gen = [x["stats"] for x in recs if x["kind"] == "generate"]
+        tokens, seconds = sum(s["generated_tokens"] for s in gen), sum(s["seconds"] for s in gen)
+        gpu, cpu = (sum(x["stats"].get(k, 0) for x in recs) for k in ("pairs_gpu", "pairs_cpu"))
+        for name, value in metrics.items():
+            metric, _, flt = name.partition(",")
+            if metric.endswith("_stderr") or metric == "sample_len" or not isinstance(value, int | float) or \
+                    isinstance(value, bool):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{flt}")
+            out.append({
+                "task": task, "metric": metric if flt in ("", "none") else f"{metric} ({flt})", "value": value,
+                "stderr": stderr if isinstance(stderr, int | float) else None, "policy": run.policy,
+                "budget": run.budget, "slots_per_layer": lm.engine.store.slots, "regime": run.regime,
+                "samples": len(keys), "generated_tokens": tokens, "seconds": seconds,
+                "tokens_per_s": tokens / seconds if seconds else None,
+                "forwards": sum(x["stats"].get("forwards", 0) for x in recs),
+                "mb_h2d": sum(x["stats"].get("bytes_h2d", 0) for x in recs) / 1e6,
+                "gpu_hit_ratio": gpu / (gpu + cpu) if gpu + cpu else None, "against": against,
+                "is_comparison": is_comparison, "identical_fraction": sum(same) / len(same) if same else None})
+    for r in out:
+        r["lossless"] = None if r["identical_fraction"] is None or is_comparison else r["identical_fraction"] == 1.0
     return out
 
 
+# ---- reporting -----------------------------------------------------------------------------------------------
+def run_header(spec: EvalSpec, model: Path, against: str, why: str, notes: list[str]) -> dict[str, Any]:
+    from tide.calibrate import machine_stamp
+
+    stamp = machine_stamp(spec.device, spec.cpu_threads)
+    machine = (f"{stamp['gpu'] or 'no GPU'}; CPU {stamp['cpu']}, {stamp['cores']} cores, torch {stamp['torch']}, "
+               f"{stamp['torch_threads']} thread(s)")
+    return {"model": str(model), "command": spec.command, "commit": stamp["commit"], "machine": machine,
+            "against": against, "against_why": why, "notes": notes,
+            "spec": {k: v for k, v in asdict(spec).items() if k not in ("command",)}}
+
+
 def markdown(table: list[dict], header: dict[str, Any]) -> str:
-    lines = [f"# TIDE eval: {header.get('model')}", "", f"Command: `{header.get('command')}`  ",
-             f"Machine: {header.get('machine')}  ", f"Commit: {header.get('commit')}", "",
-             "*Measured*. `identical`: fraction of samples whose output (generated token ids, or the Monte Carlo "
-             "log-likelihood) equals the reference policy's exactly.", "",
-             "| task | metric | policy | budget | value | stderr | samples | identical | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    spec = header["spec"]
+    lines = [f"# TIDE eval: {header['model']}", "", f"Command: `{header['command']}`  ",
+             f"Machine: {header['machine']}  ", f"Commit: {header['commit']}", "",
+             f"*Measured* on the machine above. Tasks {', '.join(spec['tasks'])}, limit {spec['limit']}, decode "
+             f"{spec['decode'] or 'from the tasks'}, chat template {'on' if spec['apply_chat_template'] else 'off'}. "
+             f"Compared with **{header['against']}**: {header['against_why']}.", ""]
+    return "\n".join(lines + markdown_rows(table, header)) + "\n"
+
+
+def markdown_rows(table: list[dict], header: dict[str, Any]) -> list[str]:
+    """The per (run, task, metric) table, the verdict and the notes."""
+    lines = ["`identical`: fraction of samples whose output (generated token ids, or the log-likelihood value) "
+             f"equals the {header['against']} run's exactly; tok/s, forwards, MB H2D and GPU hit ratio are from the "
+             "same run as the score.", "",
+             "| task | metric | policy | budget | regime | value | stderr | tok/s | forwards | MB H2D | GPU hit | "
+             "identical | verdict |", "|" + "---|" * 13]
     for r in table:
-        verdict = "" if r.get("lossless") is None else ("lossless" if r["lossless"] else "**LOSSY**")
-        stderr = "" if r["stderr"] is None else f"{r['stderr']:.4f}"
-        ident = "n/a" if r["identical_fraction"] is None else f"{r['identical_fraction']:.3f}"
-        lines.append(f"| {r['task']} | {r['metric']} | {r['policy']} | {r['budget']} | {r['value']:.4f} | "
-                     f"{stderr} | {r['samples']} | {ident} | {verdict} |")
-    lossy = sorted({r["policy"] for r in table if r.get("lossless") is False})
-    lines += ["", f"**LOSSY policies: {', '.join(lossy)}**" if lossy else "Every policy matches the reference."]
-    return "\n".join(lines) + "\n"
+        verdict = "comparison" if r["is_comparison"] else "" if r["lossless"] is None else (
+            "lossless" if r["lossless"] else "**LOSSY**")
+        cells = [r["task"], r["metric"], r["policy"], r["budget"], r["regime"], f"{r['value']:.4f}",
+                 _fmt(r["stderr"], ".4f"), _fmt(r["tokens_per_s"], ".2f"), str(r["forwards"]),
+                 f"{r['mb_h2d']:.1f}", _fmt(r["gpu_hit_ratio"], ".3f"), _fmt(r["identical_fraction"], ".3f"), verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    lossy = sorted({r["policy"] for r in table if r["lossless"] is False})
+    lines += ["", f"**LOSSY policies: {', '.join(lossy)}**" if lossy else
+              f"Every policy's outputs equal {header['against']}'s."]
+    return lines + [f"- note: {n}" for n in header["notes"]]
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "" if value is None or (isinstance(value, float) and value != value) else format(value, spec)
 
 
 def write(table: list[dict], header: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(table).to_csv(out / "eval.csv", index=False)
-    (out / "eval.md").write_text(markdown(table, header))
-    (out / "env.json").write_text(json.dumps(header, indent=2, default=str))
-
-
-def run_cli(model_dir: str | None, tasks: str | None, policies: str, gpu_budget: str, limit: int | None, regime: str,
-            device: str, dtype: str | None, cpu_threads: int, mc_samples: int, refresh_interval: int,
-            confirm_unsafe_code: bool, out: str | None, command: str) -> tuple[dict, str]:
-    """What `tide eval` does: one engine per policy, lm-eval on each, the table and the verdict."""
-    import datetime
-    import platform
-
-    import baselines  # noqa: F401
-    import tide.refresh  # noqa: F401
-    from evals.lm_eval_model import TideLM
-    from tide.calibrate import machine_stamp
-    from tide.checkpoint import SOURCE_ROOT, resolve_model
-    from tide.engine import load
-
-    model = resolve_model(model_dir)
-    names = [p.strip() for p in policies.split(",") if p.strip()]
-    if "reference" not in names:
-        names.insert(0, "reference")
-    task_list = [t.strip() for t in (tasks or ",".join(DEFAULT_TASKS)).split(",") if t.strip()]
-    runs = []
-    for name in names:
-        budget = None if name == "reference" else gpu_budget
-        options = {"refresh_interval": refresh_interval} if name == "tide" else {}
-        engine = load(model, policy=name, gpu_budget=budget, device=device, dtype=dtype, cpu_threads=cpu_threads,
-                      **options)
-        runs.append(EvalRun(name, TideLM(policy=name, regime=regime, mc_samples=mc_samples, engine=engine), budget))
-    evaluate(runs, task_list, limit, confirm_unsafe_code)
-    table = rows(runs)
-    stamp = machine_stamp(device, cpu_threads)
-    run_dir = Path(out) if out else SOURCE_ROOT / "results" / (
-        datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{platform.node() or 'host'}-eval")
-    header = {"model": str(model), "command": command, "commit": stamp["commit"],
-              "machine": f"{stamp['gpu'] or 'no GPU'}; CPU {stamp['cpu']}, {stamp['cores']} cores, torch "
-                         f"{stamp['torch']}, {stamp['torch_threads']} thread(s)", "tasks": task_list, "limit": limit,
-              "regime": regime, "gpu_budget": gpu_budget, "mc_samples": mc_samples}
-    write(table, header, run_dir)
-    lossy = sorted({r["policy"] for r in table if r.get("lossless") is False})
-    return {"out": str(run_dir), "rows": len(table), "lossy": lossy}, (run_dir / "eval.md").read_text()
+    """eval.csv, eval.md, env.json: each written to a temp name and renamed, so none is ever half-written."""
+    for name, text in (("eval.csv", pd.DataFrame(table).to_csv(index=False)), ("eval.md", markdown(table, header)),
+                       ("env.json", json.dumps(header, indent=2, default=str))):
+        tmp = out / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)

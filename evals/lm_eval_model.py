@@ -1,111 +1,267 @@
-"""The `tide` model for lm-evaluation-harness: generation through our decoder, likelihoods by Monte Carlo.
+"""The `tide` model for lm-evaluation-harness: our decoder under any placement policy, lm-eval 0.4 conventions.
 
-generate_until: the block-diffusion decoder under the chosen policy, cut at the first stop string.
-loglikelihood: the masked-diffusion Monte Carlo estimate LLaDA-style models use. For a continuation of L
-tokens, each of `mc_samples` draws masks l ~ U{1..L} of its tokens (uniformly chosen) and scores
-(L / l) * sum over masked tokens of log p(token | the rest); the estimate is the mean over draws (an
-ELBO-style bound on log p(continuation | context), LLaDA eq. 6). The forward sees the block-causal mask the
-decoder uses. Draws are seeded from `seed` and the request, so the estimate is deterministic. is_greedy:
-one forward with the whole continuation masked reproduces it by argmax.
-Every output's token ids are kept (`records`), so the harness can compare policies sample by sample.
+Built by lm-eval's CLI (`tide-lm-eval --model tide --model_args pretrained=DIR,policy=tide,gpu_budget=128/layer`)
+or handed a loaded engine (`tide eval`). lm-eval's own `batch_size`, `max_batch_size` and `device` are accepted
+(requests run one at a time; `device` places the model). Unknown model_args are an error naming the known ones.
+
+generate_until: the block-diffusion decoder, cut at the first stop string. Decode settings per request: the
+task's gen_kwargs (`max_gen_toks`, `do_sample`, `temperature`, `top_p`, `top_k`) over the model_args, unless
+`decode_from=model`, where the model_args govern and the task contributes only `until` (the paper's harness
+does this: its gen length and sampling come from the model). `do_sample=True` with temperature 0 samples at
+temperature 1, as Hugging Face's `generate` and the paper's harness do. Sampling is seeded per request from the
+prompt, so every policy draws the same numbers and their tokens can be compared.
+
+loglikelihood: lm-eval's TemplateLM encoding of (context, continuation), scored by the masked-diffusion bound
+LLaDA-style models use: for a continuation of L tokens, E over l ~ U{1..L} and a uniform l-subset S of it of
+(L / l) * sum_{i in S} log p(x_i | context, continuation with S masked) (LLaDA eq. 6), under the decoder's
+block-causal mask. When 2^L - 1 <= mc_samples the expectation is computed exactly over every subset; otherwise
+by mc_samples draws with stratified l (LLaDA's low-discrepancy trick) and common random numbers: the draws
+depend on the context only, so the choices of one question are scored on the same masks.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
+from itertools import combinations
 from typing import Any
 
 import torch
-from lm_eval.api.model import LM
+from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from tqdm import tqdm
 
 from tide.config import DecodeConfig
 from tide.engine import Engine
 from tide.model import block_causal_mask
 from tide.policy import StepInfo
 
+MC_SAMPLES = 16  # see the README ("Monte Carlo likelihoods") for the accuracy measured at 4..32
+DECODE_FIELDS = ("gen_length", "block_length", "steps", "threshold", "temperature", "top_p", "top_k", "regime")
+DEFAULT_GEN_LENGTH = 256  # lm-eval's default max_gen_toks
+
 
 @register_model("tide")
-class TideLM(LM):
-    def __init__(self, model: str | None = None, policy: str = "reference", gpu_budget: str | None = None,
-                 regime: str = "block-kv", gen_length: int = 64, block_length: int = 32, steps: int = 32,
-                 threshold: float = 0.95, device: str = "cpu", dtype: str | None = None, cpu_threads: int = 1,
-                 mc_samples: int = 8, seed: int = 0, engine: Engine | None = None, **policy_options: Any) -> None:
+class TideLM(TemplateLM):
+    def __init__(self, pretrained: str | None = None, policy: str = "reference", gpu_budget: str | None = None,
+                 regime: str = "block-kv", gen_length: int | None = None, block_length: int = 32, steps: int = 32,
+                 threshold: float = 0.95, temperature: float | None = None, do_sample: bool | None = None,
+                 top_p: float | None = None, top_k: int | None = None, decode_from: str = "task", seed: int = 0,
+                 mc_samples: int = MC_SAMPLES, dtype: str | None = None, device: str | None = "cpu",
+                 cpu_threads: int = 1, refresh_interval: int | str = "auto", rank_by: str = "step",
+                 cost_fetch: bool = False, prefetch: bool = False, profile: str | None = None,
+                 batch_size: int | str | None = 1, max_batch_size: int | None = None, trust_remote_code: bool = False,
+                 engine: Engine | None = None, progress: bool = True, **unknown: Any) -> None:
         super().__init__()
+        if unknown:
+            raise ValueError(f"tide: unknown model_args {sorted(unknown)}; known: pretrained, policy, gpu_budget, "
+                             f"regime, {', '.join(DECODE_FIELDS[:-1])}, do_sample, decode_from, seed, mc_samples, "
+                             "dtype, cpu_threads, refresh_interval, rank_by, cost_fetch, prefetch, profile")
+        if decode_from not in ("task", "model"):
+            raise ValueError(f"tide: decode_from must be 'task' or 'model', got {decode_from!r}")
+        self.name = str(pretrained or "built-in")
         if engine is None:
-            import baselines  # noqa: F401  (registers the baseline policies)
-            import tide.refresh  # noqa: F401
-            from tide.checkpoint import resolve_model
-            from tide.engine import load
-
-            engine = load(resolve_model(model), policy=policy, gpu_budget=gpu_budget, device=device, dtype=dtype,
-                          cpu_threads=int(cpu_threads), **policy_options)
+            engine = _load_engine(pretrained, policy, gpu_budget, device or "cpu", dtype, int(cpu_threads),
+                                  refresh_interval, rank_by, bool(cost_fetch), bool(prefetch), profile)
         if engine.tokenizer is None:
-            raise ValueError("the tide lm-eval model needs a checkpoint with a tokenizer")
-        self.engine, self.policy = engine, policy
-        self.cfg = DecodeConfig(gen_length=int(gen_length), block_length=int(block_length), steps=int(steps),
-                                threshold=float(threshold), regime=regime, seed=int(seed))
-        self.mc_samples, self.seed = int(mc_samples), int(seed)
-        self.records: list[dict[str, Any]] = []  # per request: task, doc, request index, kind, output
+            raise ValueError("tide: the lm-eval model needs a checkpoint with a tokenizer")
+        self.engine, self.policy, self.tokenizer = engine, policy, engine.tokenizer
+        self.model_decode = {k: v for k, v in dict(
+            gen_length=gen_length, block_length=block_length, steps=steps, threshold=threshold,
+            temperature=temperature, top_p=top_p, top_k=top_k, regime=regime).items() if v is not None}
+        self.do_sample, self.decode_from, self.seed = do_sample, decode_from, int(seed)
+        self.mc_samples, self.progress = int(mc_samples), progress
+        self.batch_size = batch_size  # accepted for lm-eval; requests run one at a time
+        self._rank, self._world_size = 0, 1
+        self.records: list[dict[str, Any]] = []  # per request: task, doc, index, kind, output, stats
+
+    # ---- lm-eval conventions -------------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        if self.engine.eos_id is None:
+            raise ValueError("tide: this checkpoint has no EOS id, needed to score an empty context")
+        return self.engine.eos_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "") or self.name).replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        if not chat_template:
+            return None
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise ValueError(f"tide: {self.name}: the tokenizer has no chat template ('chat_template' in "
+                             "tokenizer_config.json); run without --apply_chat_template")
+        if isinstance(template, dict):
+            name = chat_template if isinstance(chat_template, str) else "default"
+            if name not in template:
+                raise ValueError(f"tide: chat template {name!r} not found; the tokenizer has {sorted(template)}")
+            return template[name]
+        return template
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        self.chat_template(True)  # a clear error when there is none
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def get_model_info(self) -> dict[str, Any]:
+        return {"model": self.name, "policy": self.policy, "slots_per_layer": self.engine.store.slots,
+                "decode": self.model_decode, "decode_from": self.decode_from, "mc_samples": self.mc_samples}
 
     # ---- generation ----------------------------------------------------------------------------------
+    def decode_config(self, gen_kwargs: dict[str, Any], prompt: list[int]) -> DecodeConfig:
+        """The decode settings of one request (see the module docstring for who governs)."""
+        task = {"gen_length": gen_kwargs.get("max_gen_toks"), "temperature": gen_kwargs.get("temperature"),
+                "top_p": gen_kwargs.get("top_p"), "top_k": gen_kwargs.get("top_k")}
+        task = {k: v for k, v in task.items() if v is not None}
+        first, second = (self.model_decode, task) if self.decode_from == "model" else (task, self.model_decode)
+        settings = {**self.engine.decode_defaults, **second, **first}  # generation_config.json lowest
+        do_sample = (self.do_sample if self.decode_from == "model" and self.do_sample is not None
+                     else gen_kwargs.get("do_sample", self.do_sample))
+        temperature = float(settings.get("temperature", 0.0))
+        if do_sample is False:
+            temperature = 0.0
+        elif do_sample and temperature == 0.0:
+            temperature = 1.0
+        seed = (self.seed + zlib.crc32(repr(prompt).encode())) & 0x7FFFFFFF
+        return DecodeConfig(gen_length=int(settings.get("gen_length", DEFAULT_GEN_LENGTH)),
+                            block_length=int(settings.get("block_length", 32)), steps=int(settings.get("steps", 32)),
+                            threshold=float(settings.get("threshold", 0.95)), temperature=temperature,
+                            top_p=settings.get("top_p"), top_k=settings.get("top_k"),
+                            regime=settings.get("regime", "block-kv"), seed=seed)
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
-        for req in requests:
-            context, kwargs = req.args
-            until = kwargs.get("until") or []
+        tokens_total, seconds_total = 0, 0.0
+        bar = tqdm(requests, desc=f"tide {self.policy}: generate", unit="req",
+                   disable=disable_tqdm or not self.progress)
+        for req in bar:
+            context, gen_kwargs = req.args
+            until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            cfg = self.cfg
-            if kwargs.get("max_gen_toks"):
-                cfg = DecodeConfig(**{**vars(cfg), "gen_length": int(kwargs["max_gen_toks"])})
-            tokens = self.engine.generate(self.engine.encode(context), cfg).tokens
-            text = self.engine.decode(tokens)
-            for stop in until:
-                if stop and stop in text:
-                    text = text[: text.index(stop)]
-            self.records.append(record(req, "generate", tokens))
+            prompt = self.tok_encode(context)
+            result = self.engine.run(prompt, self.decode_config(gen_kwargs, prompt))
+            text = self.engine.decode(result["tokens"])
+            cuts = [text.index(stop) for stop in until if stop and stop in text]
+            text = text[: min(cuts)] if cuts else text
+            stats = result["stats"]
+            tokens_total, seconds_total = tokens_total + stats["generated_tokens"], seconds_total + stats["seconds"]
+            bar.set_postfix_str(f"{tokens_total / max(seconds_total, 1e-9):.2f} tok/s")
+            self.records.append(record(req, "generate", result["tokens"], stats))
             out.append(text)
         return out
 
     # ---- likelihoods ---------------------------------------------------------------------------------
-    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         out = []
-        for req in requests:
-            context, continuation = req.args
-            result = self.score(self.engine.encode(context), self.engine.encode(continuation))
-            self.records.append(record(req, "loglikelihood", result))
+        for _, context_enc, continuation_enc in tqdm(
+                requests, desc=f"tide {self.policy}: loglikelihood", unit="req",
+                disable=disable_tqdm or not self.progress):
+            self.engine.executor.counters.clear()
+            result = self.score(context_enc, continuation_enc)
+            stats = {"forwards": self.forwards(len(continuation_enc)) + 1, **_traffic(self.engine)}
+            self.records.append({"kind": "loglikelihood", "output": result, "stats": stats})
             out.append(result)
         return out
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        results = super().loglikelihood(requests, disable_tqdm)
+        for req, rec in zip(requests, self.records[-len(requests):], strict=True):  # tag with lm-eval's ids
+            rec.update(record(req, "loglikelihood", rec["output"], rec["stats"]))
+        return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         raise NotImplementedError("tide: rolling log-likelihood (perplexity tasks) is not implemented")
 
+    def exact(self, length: int) -> bool:
+        """Whether a continuation of `length` tokens is scored over every subset (no more than mc_samples)."""
+        return length < 31 and 2 ** length - 1 <= self.mc_samples
+
+    def forwards(self, length: int) -> int:
+        """Forwards the bound takes for a continuation of `length` tokens."""
+        return 2 ** length - 1 if self.exact(length) else self.mc_samples
+
     @torch.no_grad()
     def score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        """(the bound on log p(continuation | context), whether greedy decoding of it from all-masked matches)."""
         engine, L = self.engine, len(continuation)
         if not context or not L:
             raise ValueError("loglikelihood needs a non-empty context and continuation")
         device = next(engine.model.parameters()).device
         ids = torch.tensor(context + continuation, device=device)
         T, P = len(ids), len(context)
-        mask = block_causal_mask(T, self.cfg.block_length, device)
-        gen = torch.Generator().manual_seed(self.seed + zlib.crc32(str((context, continuation)).encode()))
-        total = 0.0
-        for i in range(self.mc_samples):
-            n_masked = int(torch.randint(1, L + 1, (1,), generator=gen))
-            where = P + torch.randperm(L, generator=gen)[:n_masked]
+        mask = block_causal_mask(T, self.model_decode.get("block_length", 32), device)
+        block = T // self.model_decode.get("block_length", 32)
+
+        def masked_logp(where: list[int], i: int) -> float:
             noisy = ids.clone()
             noisy[where] = engine.mask_id
-            logits = engine.model(noisy[None], 0, mask, at=StepInfo(T // self.cfg.block_length, i))[0]
-            logp = torch.log_softmax(logits[where.to(device)], dim=-1)
-            total += float(logp.gather(1, ids[where.to(device)][:, None]).sum()) * L / n_masked
-        masked = ids.clone()
-        masked[P:] = engine.mask_id
-        logits = engine.model(masked[None], 0, mask, at=StepInfo(T // self.cfg.block_length, self.mc_samples))[0]
+            logits = engine.model(noisy[None], 0, mask, at=StepInfo(block, i))[0]
+            picked = torch.log_softmax(logits[where].float(), dim=-1).gather(1, ids[where][:, None])
+            return float(picked.sum())
+
+        if self.exact(L):  # P(l) = 1/L, P(S | l) = 1/C(L, l), factor L/l: each subset weighs 1 / (l C(L, l))
+            estimate = 0.0
+            for i, subset in enumerate(s for n in range(1, L + 1) for s in combinations(range(L), n)):
+                n = len(subset)
+                estimate += masked_logp([P + j for j in subset], i) / (n * math.comb(L, n))
+        else:
+            gen = torch.Generator().manual_seed(self.seed + zlib.crc32(repr(context).encode()))
+            offset = float(torch.rand((), generator=gen)) * L
+            total = 0.0
+            for i in range(self.mc_samples):
+                n = int(offset + i * L / self.mc_samples) % L + 1  # stratified over 1..L
+                where = (P + torch.randperm(L, generator=gen)[:n]).tolist()
+                total += masked_logp(where, i) * L / n
+            estimate = total / self.mc_samples
+        all_masked = ids.clone()
+        all_masked[P:] = engine.mask_id
+        logits = engine.model(all_masked[None], 0, mask, at=StepInfo(block, self.mc_samples))[0]
         greedy = bool((logits[P:].argmax(-1) == ids[P:]).all())
-        return total / self.mc_samples, greedy
+        return estimate, greedy
 
 
-def record(req: Any, kind: str, output: Any) -> dict[str, Any]:
+def _traffic(engine: Engine) -> dict[str, Any]:
+    totals = engine.executor.finish().totals()
+    return {k: totals[k] for k in ("bytes_h2d", "pairs_gpu", "pairs_cpu")}
+
+
+def record(req: Any, kind: str, output: Any, stats: dict[str, Any]) -> dict[str, Any]:
+    keep = ("generated_tokens", "seconds", "forwards", "bytes_h2d", "pairs_gpu", "pairs_cpu")
     return {"task": getattr(req, "task_name", None), "doc_id": getattr(req, "doc_id", None),
-            "idx": getattr(req, "idx", 0), "kind": kind, "output": output}
+            "idx": getattr(req, "idx", 0), "kind": kind, "output": output,
+            "stats": {k: stats[k] for k in keep if k in stats}}
+
+
+def _load_engine(pretrained: str | None, policy: str, gpu_budget: str | None, device: str, dtype: str | None,
+                 cpu_threads: int, refresh_interval: int | str, rank_by: str, cost_fetch: bool, prefetch: bool,
+                 profile: str | None) -> Engine:
+    """An engine built from model_args (lm-eval's CLI path)."""
+    import tide.baselines  # noqa: F401  (registers the baseline policies)
+    import tide.refresh  # noqa: F401
+    from tide.config import parse_refresh_interval
+    from tide.engine import load, torch_dtype
+    from tide.hub import resolve_model
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"tide: device {device!r} but CUDA is not available here (lm-eval's --device defaults to "
+                         "cuda:0: pass --device cpu)")
+    path = resolve_model(pretrained)
+    options: dict[str, Any] = {}
+    if policy == "tide":
+        options = {"refresh_interval": parse_refresh_interval(refresh_interval),
+                   "rank": rank_by, "cost_fetch": cost_fetch, "prefetch_next": prefetch}
+        if refresh_interval == "auto" or cost_fetch:
+            from tide.calibrate import load_or_calibrate
+            from tide.config import ModelConfig
+
+            cfg = ModelConfig.from_json(path / "config.json")
+            options["cost"] = load_or_calibrate(profile, cfg.hidden_size, cfg.moe_intermediate_size,
+                                                torch_dtype(dtype, cfg), device, cpu_threads)
+    budget = None if gpu_budget is None else str(gpu_budget)
+    return load(path, policy=policy, gpu_budget=budget, device=device, dtype=None if dtype == "auto" else dtype,
+                cpu_threads=cpu_threads, **options)

@@ -5,11 +5,11 @@ import json
 import pandas as pd
 import pytest
 
-import baselines  # noqa: F401
-from bench import report
-from bench.bounds import oracle_bound_s
-from bench.check import check
-from bench.sweep import COLUMNS, SweepSpec, projections, run_sweep, variants
+import tide.baselines  # noqa: F401
+from tide.bench import report
+from tide.bench.bounds import oracle_bound_s
+from tide.bench.check import check
+from tide.bench.sweep import COLUMNS, SweepSpec, projections, run_sweep, variants
 from tide.calibrate import estimate
 from tide.config import DecodeConfig
 from tide.policy import PolicyContext, make_policy
@@ -98,8 +98,21 @@ def test_cli_bench_end_to_end(tiny_dir, tmp_path):
 
 
 def test_bound_pieces_by_hand():
-    from bench.bounds import compute_balance_s, copy_balance_s
+    from tide.bench.bounds import compute_balance_s, copy_balance_s
 
     assert compute_balance_s([1.0, 1.0], [3.0, 3.0]) == pytest.approx(1.5)  # 1.5 on the device, 1.5 on the CPU
     assert compute_balance_s([1.0], [0.5]) == pytest.approx(1 / 3)  # x*1 = (1-x)*0.5
     assert copy_balance_s([5.0, 4.0, 3.0, 1.0], slots=1, fetch_s=2.0) == pytest.approx(4.0)  # copy 4: max(2, 3+1)
+
+
+def test_prompts_are_jsonl_and_keep_blank_lines(tmp_path):
+    from tide.bench.runner import DEFAULT_PROMPTS, read_prompts
+
+    prompts = read_prompts(None)
+    assert DEFAULT_PROMPTS.suffix == ".jsonl" and len(prompts) >= 6
+    assert any("\n\n" in p for p in prompts)  # code prompts with blank lines stay whole
+    assert sum("You are an expert Python programmer" in p for p in prompts) >= 2  # MBPP-style prompts
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('"ok"\nnot json\n')
+    with pytest.raises(ValueError, match="p.jsonl:2: not JSON"):
+        read_prompts(str(bad))

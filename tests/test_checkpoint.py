@@ -19,7 +19,7 @@ def forward_logits(engine_or_model, ids):
 
 
 def test_in_memory_model_round_trips_through_sharded_files(tmp_path, tiny_cfg):
-    from baselines.reference import Reference
+    from tide.baselines.reference import Reference
     from tide.experts.executor import MoEExecutor
     from tide.policy import PolicyContext
 

@@ -1,20 +1,42 @@
-"""The lm-eval integration, offline: the registered model, both request types, identity, and a lossy policy."""
+"""The lm-eval integration: the registered model and its conventions, `tide eval` through one engine, identity."""
 
+import json
+import math
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
+from click.testing import CliRunner
 
-import baselines  # noqa: F401
-from evals.harness import EvalRun, evaluate, rows, task_manager
-from evals.lm_eval_model import TideLM
+import tide.baselines  # noqa: F401
+from tide.cli import main
 from tide.engine import load
+from tide.evals.harness import EvalSpec, run_eval, task_manager
+from tide.evals.lm_eval_model import TideLM
+from tide.hub import BUILTIN_MODEL
 
 TASKS = ["tide_arith", "tide_arith_mc"]
+TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+            "{% if add_generation_prompt %}<|bot|>{% endif %}")
 
 
-def run(tiny_dir, policy, budget=None, **options):
-    return EvalRun(policy, TideLM(policy=policy, mc_samples=2, gen_length=8,
-                                  engine=load(tiny_dir, policy=policy, gpu_budget=budget, **options)), budget)
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tiny_dir, tmp_path_factory):
+    """The tiny checkpoint with a chat template in its tokenizer_config.json."""
+    path = tmp_path_factory.mktemp("chat") / "m"
+    shutil.copytree(tiny_dir, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    return path
 
 
 def test_registered_name():
@@ -23,60 +45,174 @@ def test_registered_name():
     assert get_model("tide") is TideLM
 
 
-def test_policies_match_reference_and_a_lossy_one_is_caught(tiny_dir):
-    runs = [run(tiny_dir, "reference"), run(tiny_dir, "lru", "4/layer"),
-            run(tiny_dir, "tide", "4/layer", refresh_interval=2)]
-    lossy = run(tiny_dir, "cpu-fallback", "4/layer")
-    lossy.label = "dropper"
-    store = lossy.lm.engine.store
-    for layer in store.layers:  # drop the most popular expert of every layer (resident copy and host master)
-        e = sorted(lossy.lm.engine.executor.policy.static[layer])[0]
-        store.gpu[layer][store.slot_of[layer][e]].zero_()
-        store.host[layer][e].zero_()
-    evaluate(runs + [lossy], TASKS, limit=3)
-    table = rows(runs + [lossy])
-    assert {r["task"] for r in table} == set(TASKS)
-    assert {r["metric"] for r in table} == {"exact_match", "acc"}
-    kinds = {x["kind"] for x in runs[0].lm.records}
-    assert kinds == {"generate", "loglikelihood"}  # both request types went through our model
-    for r in table:
-        if r["policy"] != "dropper":
-            assert r["lossless"] and r["identical_fraction"] == 1.0, r
-    assert any(not r["lossless"] for r in table if r["policy"] == "dropper")
+def test_lm_eval_arguments_are_accepted_and_unknown_ones_named(tiny_dir):
+    lm = TideLM.create_from_arg_string(f"pretrained={tiny_dir},policy=lru,gpu_budget=4/layer",
+                                       {"batch_size": 1, "max_batch_size": None, "device": "cpu"})
+    assert lm.engine.store.slots == 4 and lm.rank == 0 and lm.world_size == 1
+    with pytest.raises(ValueError, match="unknown model_args.*'colour'"):
+        TideLM.create_from_arg_string(f"pretrained={tiny_dir},colour=red")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="pass --device cpu"):
+            TideLM.create_from_arg_string(f"pretrained={tiny_dir}", {"device": "cuda:0"})
 
 
-def test_monte_carlo_likelihood_is_deterministic(tiny_dir):
+def test_decode_settings_task_versus_model(tiny_dir):
+    engine = load(tiny_dir)
+    task = {"until": ["\n"], "max_gen_toks": 16, "do_sample": False}
+    lm = TideLM(engine=engine, gen_length=8, temperature=0.7)
+    assert lm.decode_config(task, [1, 2]).gen_length == 16  # lm-eval convention: the task's gen_kwargs win
+    assert lm.decode_config(task, [1, 2]).temperature == 0.0  # do_sample=False is greedy
+    assert lm.decode_config({}, [1, 2]).gen_length == 8 and lm.decode_config({}, [1, 2]).temperature == 0.7
+    paper = TideLM(engine=engine, gen_length=8, do_sample=True, decode_from="model")
+    cfg = paper.decode_config(task, [1, 2])
+    assert cfg.gen_length == 8 and cfg.temperature == 1.0  # the model governs; do_sample at T=0 samples at T=1
+    assert cfg.seed == paper.decode_config(task, [1, 2]).seed != paper.decode_config(task, [1, 3]).seed
+    with pytest.raises(ValueError, match="decode_from"):
+        TideLM(engine=engine, decode_from="both")
+
+
+def test_eval_one_engine_identity_and_a_lossy_run_is_caught(tiny_dir, tmp_path, monkeypatch):
+    """Every policy through one loaded engine (counted), sampling on, each compared with reference."""
+    import tide.engine
+    import tide.experts.store
+
+    counts = {"load": 0, "store": 0}
+    real_load, real_init = tide.engine.load, tide.experts.store.ExpertStore.__init__
+
+    def counting_load(*a, **k):
+        counts["load"] += 1
+        return real_load(*a, **k)
+
+    def counting_init(self, *a, **k):
+        counts["store"] += 1
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(tide.engine, "load", counting_load)
+    monkeypatch.setattr(tide.experts.store.ExpertStore, "__init__", counting_init)
+    seen = []
+
+    def on_run(run, table):
+        seen.append(run)
+        assert counts == {"load": 1, "store": 1}, counts  # one engine, one expert store, at every run
+        if run.policy == "cpu-fallback":  # corrupt one expert after this run: the runs after it must be LOSSY
+            engine_store = last_store[0]
+            layer = engine_store.layers[0]
+            engine_store.host[layer][0].zero_()
+            engine_store.gpu[layer].zero_()
+
+    last_store = []
+    monkeypatch.setattr(tide.experts.store.ExpertStore, "resize", _recording(last_store))
+    spec = EvalSpec(model=str(tiny_dir), tasks=TASKS, policies=["reference", "lru", "cpu-fallback", "tide"],
+                    budgets=["4/layer"], limit=3, decode={"gen_length": 8, "temperature": 1.0, "do_sample": True},
+                    mc_samples=2, out=str(tmp_path / "e"))
+    summary = run_eval(spec, on_run=on_run)[0]
+    assert [r.policy for r in seen] == ["reference", "lru", "cpu-fallback", "tide"]
+    table = pd.read_csv(tmp_path / "e" / "eval.csv")
+    assert set(table.task) == set(TASKS) and {"exact_match", "acc"} <= set(table.metric)
+    for col in ("tokens_per_s", "forwards", "mb_h2d", "gpu_hit_ratio", "stderr"):
+        assert col in table
+    good = table[table.policy.isin(["lru", "cpu-fallback"])]
+    assert (good.identical_fraction == 1.0).all() and good.lossless.all()
+    assert (table[table.policy == "reference"].is_comparison).all()
+    assert summary["against"] == "reference" and summary["lossy"] == ["tide@4/layer/block-kv"]
+    assert "**LOSSY policies: tide**" in (tmp_path / "e" / "eval.md").read_text()
+    assert list((tmp_path / "e" / "lm_eval").iterdir())  # lm-eval's own results files, one folder per run
+
+
+def _recording(holder):
+    from tide.experts.store import ExpertStore
+
+    real = ExpertStore.resize
+
+    def resize(self, *a, **k):
+        holder[:] = [self]
+        return real(self, *a, **k)
+
+    return resize
+
+
+def test_eval_cli_gen_length_chat_template_and_samples(chat_dir, tmp_path):
+    def generated(out):
+        df = pd.read_csv(out / "eval.csv")
+        return int(df[df.task == "tide_arith"].generated_tokens.iloc[0])
+
+    args = ["eval", "--model", chat_dir, "--tasks", "tide_arith", "--policies", "lru", "--budgets", "4/layer",
+            "--limit", 2]
+    res = cli(*args, "--gen-length", 4, "--out", tmp_path / "short")
+    assert res.exit_code == 0, res.output
+    res = cli(*args, "--out", tmp_path / "long", "--apply-chat-template", "--log-samples")
+    assert res.exit_code == 0, res.output
+    assert generated(tmp_path / "short") == 8 < generated(tmp_path / "long")  # 2 samples x 4 tokens
+    samples = list((tmp_path / "long" / "lm_eval").rglob("samples_tide_arith_*.jsonl"))
+    assert samples and "<|user|>" in samples[0].read_text() and "<|bot|>" in samples[0].read_text()
+
+
+def test_eval_errors_are_sentences(tiny_dir, tmp_path):
+    res = cli("eval", "--model", tiny_dir, "--tasks", "tide_arithh", "--out", tmp_path / "x")
+    assert res.exit_code == 2 and "unknown task 'tide_arithh'" in res.output and "did you mean tide_arith" in res.output
+    res = cli("eval", "--model", tiny_dir, "--tasks", "tide_arith", "--apply-chat-template", "--limit", 1,
+              "--policies", "lru", "--out", tmp_path / "y")
+    assert res.exit_code == 2 and "no chat template" in res.output
+    res = cli("eval", "--model", tiny_dir, "--tasks", "tide_mbpp_sanitized", "--data", tmp_path / "none.json",
+              "--out", tmp_path / "z")
+    assert res.exit_code == 2 and "none.json" in res.output
+
+
+def test_tide_lm_eval_console_script(tmp_path):
+    """lm-eval's own CLI, with every flag of the issue's example, writes results and samples."""
+    exe = Path(sys.executable).with_name("tide-lm-eval")
+    out = tmp_path / "out"
+    done = subprocess.run([str(exe), "--model", "tide", "--model_args", f"pretrained={BUILTIN_MODEL},policy=lru,"
+                           "gpu_budget=50%,gen_length=8", "--tasks", "tide_arith", "--limit", "2", "--batch_size", "1",
+                           "--device", "cpu", "--log_samples", "--output_path", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list(out.rglob("samples_tide_arith_*.jsonl")) and list(out.rglob("results_*.json"))
+    assert "exact_match" in done.stdout
+
+
+def test_likelihood_bound_is_exact_for_constant_log_probs(tiny_dir, monkeypatch):
+    """With every token at log p = -log V, the bound is -L log V for every L: exact subsets and Monte Carlo."""
+    lm = TideLM(engine=load(tiny_dir), mc_samples=7, seed=3)
+    vocab = lm.engine.config.vocab_size
+    monkeypatch.setattr(lm.engine.model, "forward", lambda x, *a, **k: torch.zeros(1, x.shape[1], vocab))
+    for length in (1, 3, 5):  # 3: all 7 subsets; 5: 31 subsets > 7, so Monte Carlo
+        value, _ = lm.score([1, 2, 3], list(range(4, 4 + length)))
+        assert value == pytest.approx(-length * math.log(vocab))
+    assert lm.exact(3) and not lm.exact(5)
+
+
+def test_likelihood_is_deterministic_and_shares_draws_across_choices(tiny_dir):
     lm = TideLM(mc_samples=4, engine=load(tiny_dir), seed=3)
-    ctx, cont = lm.engine.encode("12+35="), lm.engine.encode("47")
-    a, b = lm.score(ctx, cont), lm.score(ctx, cont)
+    ctx = lm.tok_encode("12+35=")
+    a, b = lm.score(ctx, lm.tok_encode("047")), lm.score(ctx, lm.tok_encode("047"))
     assert a == b and a[0] < 0
     with pytest.raises(ValueError, match="non-empty"):
-        lm.score([], cont)
+        lm.score([], lm.tok_encode("047"))
 
 
-def test_task_yamls_load_from_another_directory(tmp_path):
-    cwd = os.getcwd()
-    try:
-        os.chdir(tmp_path)
-        manager = task_manager()
-        assert {"tide_arith", "tide_arith_mc", "tide_humaneval"} <= set(manager.all_tasks)
-        from lm_eval.tasks import get_task_dict
+def test_task_yamls_load_from_another_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    manager = task_manager()
+    assert {"tide_arith", "tide_arith_mc", "tide_humaneval", "tide_mbpp_sanitized"} <= set(manager.all_tasks)
+    assert "gsm8k" in manager.all_tasks  # lm-eval's own tasks are there too
+    tasks = manager.load(["tide_arith_mc", "tide_humaneval"])["tasks"]
+    assert len(list(tasks["tide_humaneval"].test_docs())) == 164
+    mc = list(tasks["tide_arith_mc"].test_docs())
+    assert len(mc) == 200 and {d["family"] for d in mc} == {"add", "copy", "rev"}
+    for d in mc:  # the right answer at the label; distractors distinct and as wide as it ("042")
+        answer = d["choices"][d["label"]]
+        if d["family"] == "add":
+            assert int(answer) == sum(int(x) for x in d["prompt"][:-1].split("+"))
+        else:
+            digits = d["prompt"].split()[1][:-1]
+            assert answer == (digits if d["family"] == "copy" else digits[::-1])
+        assert len(set(d["choices"])) == len(d["choices"]) >= 3 and len({len(c) for c in d["choices"]}) == 1
 
-        tasks = get_task_dict(["tide_arith_mc", "tide_humaneval"], manager)
-        docs = list(tasks["tide_humaneval"].test_docs())
-        assert len(docs) == 164 and "def " in docs[0]["prompt"]
-        mc = list(tasks["tide_arith_mc"].test_docs())
-        assert len(mc) == 200
-        for d in mc:  # the right answer at the label; distractors distinct and as wide as it ("042")
-            assert int(d["choices"][d["label"]]) == sum(int(x) for x in d["prompt"][:-1].split("+"))
-            assert len(set(d["choices"])) == len(d["choices"]) and len({len(c) for c in d["choices"]}) == 1
-    finally:
-        os.chdir(cwd)
 
-
-def test_humaneval_scorer_runs_code():
-    from evals.tasks.utils import humaneval_pass, load_humaneval
-
-    doc = load_humaneval()["test"][0]
-    assert humaneval_pass(doc, [doc["canonical_solution"]]) == {"pass@1": 1.0}
-    assert humaneval_pass(doc, ["    return None\n"]) == {"pass@1": 0.0}
+def test_generate_chat_flag(chat_dir, tiny_dir):
+    res = cli("generate", "--model", chat_dir, "--prompt", "hi", "--chat", "--gen-length", 8, "--json")
+    assert res.exit_code == 0, res.output
+    res = cli("generate", "--model", tiny_dir, "--prompt", "hi", "--chat", "--gen-length", 8)
+    assert res.exit_code == 2 and "no chat template" in res.output

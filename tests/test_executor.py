@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import baselines  # noqa: F401
+import tide.baselines  # noqa: F401
 from tide.config import preset
 from tide.experts.executor import MoEExecutor, swiglu
 from tide.experts.store import ExpertStore

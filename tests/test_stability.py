@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-import bench.stability as st
-from bench.stability import ALL, COLUMNS, block_steps, cosine, lagged, study
+import tide.bench.stability as st
+from tide.bench.stability import ALL, COLUMNS, block_steps, cosine, lagged, study
 from tide.planner import drift_stats, sub_trace
 from tide.trace import RoutingTrace, TraceRecord
 
@@ -100,7 +100,7 @@ def test_prefix_offset_constant():
 
 def test_command_smoke(tmp_path):
     out = tmp_path / "stability"
-    args = ["--model", "tiny", "--gen-length", "16", "--block-length", "8", "--steps", "8", "--out", str(out)]
+    args = ["--model", "preset:tiny", "--gen-length", "16", "--block-length", "8", "--steps", "8", "--out", str(out)]
     result = CliRunner().invoke(st.stability, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert {p.name for p in out.iterdir()} == {"stability.csv", "stability.md", "cosine.png", "hit_ratio.png",

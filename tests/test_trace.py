@@ -2,7 +2,7 @@
 
 import pytest
 
-import baselines  # noqa: F401
+import tide.baselines  # noqa: F401
 from tide.calibrate import estimate
 from tide.config import DecodeConfig
 from tide.engine import load

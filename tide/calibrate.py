@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 
@@ -18,6 +17,7 @@ import torch
 
 from tide.cost import CostModel
 from tide.experts.executor import swiglu
+from tide.hub import source_stamp
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -32,20 +32,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def machine_stamp(device: str = "cpu", cpu_threads: int | None = None) -> dict:
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     return {"gpu": torch.cuda.get_device_name(torch.device(device)) if cuda else None,
             "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cpu_threads": cpu_threads, "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
-            "device": device, "hostname": platform.node(), "commit": git_commit()}
+            "device": device, "hostname": platform.node(), "commit": source_stamp()}
 
 
 def median_s(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 3) -> float:

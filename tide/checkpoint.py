@@ -235,6 +235,20 @@ def _bytes_to_unicode() -> list[str]:
     return chars
 
 
+def read_generation_config(path: str | Path) -> dict:
+    """generation_config.json of a checkpoint directory as a dict ({} when there is none)."""
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, OSError) as err:
+        raise CheckpointError(f"{file}: unreadable or not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return raw
+
+
 def load_tokenizer(path: str | Path):
     """The checkpoint's own tokenizer through transformers, or None when the directory has none."""
     path = Path(path)
@@ -260,23 +274,3 @@ def state_tensors(model: LLaDA2Model, store: ExpertStore) -> Iterator[tuple[str,
             yield expert_name(layer, e, "gate_proj"), gate
             yield expert_name(layer, e, "up_proj"), up
             yield expert_name(layer, e, "down_proj"), down
-
-
-SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the repository checkout this package runs from
-BUILTIN_MODEL = SOURCE_ROOT / "models" / "tide-tiny-code"
-
-
-def resolve_model(model: str | Path | None) -> Path:
-    """A checkpoint directory. None: the built-in trained model (else the tiny preset). A preset name: a seeded
-    random checkpoint of that shape, written once under .cache/ in the checkout."""
-    from tide.config import PRESETS, preset
-
-    if model is None:
-        model = str(BUILTIN_MODEL) if (BUILTIN_MODEL / "config.json").is_file() else "tiny"
-    if str(model) in PRESETS:
-        path = SOURCE_ROOT / ".cache" / f"{model}-random"
-        if not (path / "config.json").is_file():
-            cfg = preset(str(model))
-            write_random_checkpoint(cfg, path, seed=0, tokenizer=cfg.vocab_size < 1024)
-        return path
-    return Path(model)

@@ -8,23 +8,26 @@ from pathlib import Path
 
 import click
 
-from tide.config import DTYPES, PRESETS, REGIMES, DecodeConfig, preset
+from tide.config import DTYPES, PRESETS, REGIMES, DecodeConfig, parse_refresh_interval, preset
+from tide.hub import MODEL_HELP
 
 
 def decode_options(f):
-    """Options shared by every command that decodes."""
+    """Options shared by every command that decodes; unset ones come from the checkpoint's generation_config.json,
+    else the official defaults."""
     options = [
-        click.option("--gen-length", default=256, show_default=True, help="Tokens to generate at most."),
-        click.option("--block-length", default=32, show_default=True, help="Tokens per diffusion block."),
-        click.option("--steps", default=32, show_default=True, help="Denoising steps per block at most."),
-        click.option("--threshold", default=0.95, show_default=True,
-                     help="Commit every masked token whose confidence exceeds this (at least the scheduled number)."),
-        click.option("--temperature", default=0.0, show_default=True, help="0 = argmax (greedy)."),
+        click.option("--gen-length", type=int, default=None, help="Tokens to generate at most [default: 256]."),
+        click.option("--block-length", type=int, default=None, help="Tokens per diffusion block [default: 32]."),
+        click.option("--steps", type=int, default=None, help="Denoising steps per block at most [default: 32]."),
+        click.option("--threshold", type=float, default=None, help="Commit every masked token whose confidence "
+                     "exceeds this (at least the scheduled number) [default: 0.95]."),
+        click.option("--temperature", type=float, default=None, help="0 = argmax (greedy) [default: 0]."),
         click.option("--top-k", type=int, default=None, help="Sample from the k most likely tokens (temperature > 0)."),
         click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (temperature > 0)."),
         click.option("--regime", type=click.Choice(REGIMES), default="block-kv", show_default=True,
                      help="block-kv: finished blocks in a KV cache; full: recompute the prefix every step."),
         click.option("--seed", default=0, show_default=True, help="Seed for sampling."),
+        click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (one user turn)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -102,7 +105,7 @@ def make_checkpoint(preset_name: str, layers: int | None, dtype: str | None, out
 
 
 @main.command()
-@click.option("--model", "model_dir", type=click.Path(), required=True, help="Checkpoint directory.")
+@click.option("--model", "model_dir", required=True, help=MODEL_HELP)
 @click.option("--prompt", default=None, help="Prompt text (uses the checkpoint's tokenizer).")
 @click.option("--prompt-ids", default=None, help="Prompt as comma-separated token ids (instead of --prompt).")
 @decode_options
@@ -121,10 +124,14 @@ def generate(model_dir: str, prompt: str | None, prompt_ids: str | None, as_json
     """
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt or --prompt-ids")
-    cfg = _decode_config(kw)
+    model_dir = _model(model_dir)
+    chat = kw.pop("chat")
+    decode = {k: kw.pop(k) for k in DECODE_FLAGS}
+    _decode_config({k: v for k, v in decode.items() if v is not None})  # bad flags fail before loading
     engine = _load(model_dir, kw)
+    cfg = _decode_config({**engine.decode_defaults, **{k: v for k, v in decode.items() if v is not None}})
     try:
-        ids = engine.encode(prompt) if prompt is not None else _parse_ids(prompt_ids)
+        ids = engine.encode(prompt, chat) if prompt is not None else _parse_ids(prompt_ids)
         result = engine.run(ids, cfg, trace=bool(trace_path))
     except ValueError as err:
         raise click.UsageError(str(err)) from None
@@ -142,12 +149,13 @@ def generate(model_dir: str, prompt: str | None, prompt_ids: str | None, as_json
                f"GPU hit ratio {stats['gpu_hit_ratio']:.3f}", err=True)
 
 
-def _decode_config(kw: dict) -> DecodeConfig:
+DECODE_FLAGS = ("gen_length", "block_length", "steps", "threshold", "temperature", "top_k", "top_p", "regime", "seed")
+
+
+def _decode_config(settings: dict) -> DecodeConfig:
     try:
-        return DecodeConfig(gen_length=kw.pop("gen_length"), block_length=kw.pop("block_length"),
-                            steps=kw.pop("steps"), threshold=kw.pop("threshold"), temperature=kw.pop("temperature"),
-                            top_k=kw.pop("top_k"), top_p=kw.pop("top_p"), regime=kw.pop("regime"), seed=kw.pop("seed"))
-    except ValueError as err:
+        return DecodeConfig(**settings)
+    except (TypeError, ValueError) as err:
         raise click.UsageError(str(err)) from None
 
 
@@ -156,7 +164,7 @@ def policy_options(kw: dict, model_dir: str) -> dict:
     if kw["policy"] != "tide":
         return {}
     r = kw["refresh_interval"]
-    opts = {"refresh_interval": r if r == "auto" else _positive_int(r, "--refresh-interval"), "rank": kw["rank"],
+    opts = {"refresh_interval": refresh_interval(r), "rank": kw["rank"],
             "cost_fetch": kw["cost_fetch"], "per_layer_interval": kw["per_layer_interval"],
             "prefetch_next": kw["prefetch"]}
     if r != "auto" and kw["per_layer_interval"]:
@@ -181,18 +189,30 @@ def cost_model(model_dir: str, kw: dict):
                              torch_dtype(kw["dtype"], cfg), kw["device"], kw["cpu_threads"])
 
 
-def _positive_int(text: str, flag: str) -> int:
+def refresh_interval(text: str) -> int | str:
     try:
-        value = int(text)
-    except ValueError:
-        raise click.UsageError(f"{flag} {text!r}: expected a positive integer or 'auto'") from None
-    if value < 1:
-        raise click.UsageError(f"{flag} must be >= 1, got {value}")
-    return value
+        return parse_refresh_interval(text)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
 
 
-def _load(model_dir: str, kw: dict, **extra):
-    import baselines  # noqa: F401  (registers the baseline policies even without installed entry points)
+def _model(spec: str | None) -> Path:
+    """The checkpoint directory for --model (tide.hub.resolve_model), notes on stderr, errors as exit 2."""
+    from tide.hub import resolve_model
+
+    notes: list[str] = []
+    try:
+        path = resolve_model(spec, notes)
+    except (ValueError, FileNotFoundError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    return path
+
+
+def _load(model_dir: str | Path, kw: dict, **extra):
+    import tide.baselines  # noqa: F401  (registers the baseline policies even without installed entry points)
     import tide.refresh  # noqa: F401
     from tide.engine import load
 
@@ -216,8 +236,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 @main.command()
-@click.option("--model", "model_dir", type=click.Path(), default=None,
-              help="Take the expert shape from this checkpoint.")
+@click.option("--model", "model_dir", default=None, help="Take the expert shape from this checkpoint. " + MODEL_HELP)
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
               help="Expert shape when no --model is given.")
 @click.option("--device", default="cpu", show_default=True, help="Device tier to measure (cpu or cuda).")
@@ -233,7 +252,7 @@ def calibrate(model_dir, preset_name, device, dtype, cpu_threads, estimate, repe
     from tide.config import ModelConfig
     from tide.engine import torch_dtype
 
-    cfg = ModelConfig.from_json(Path(model_dir) / "config.json") if model_dir else preset(preset_name)
+    cfg = ModelConfig.from_json(_model(model_dir) / "config.json") if model_dir else preset(preset_name)
     dt = torch_dtype(dtype, cfg)
     if estimate:
         cost = cal.estimate(estimate, cfg.hidden_size, cfg.moe_intermediate_size, dt.itemsize)
@@ -248,7 +267,7 @@ def calibrate(model_dir, preset_name, device, dtype, cpu_threads, estimate, repe
 
 
 @main.command()
-@click.option("--model", "model_dir", type=click.Path(), required=True, help="Checkpoint directory.")
+@click.option("--model", "model_dir", required=True, help=MODEL_HELP)
 @click.option("--gpu-budget", default="25%", show_default=True, help="Bytes, 'N/layer' or a share of the experts.")
 @click.option("--profile", "profile_path", type=click.Path(), default=None, help="Hardware profile JSON.")
 @click.option("--trace", "trace_path", type=click.Path(), default=None,
@@ -266,6 +285,7 @@ def plan(model_dir, gpu_budget, profile_path, trace_path, max_interval, per_laye
 
     kw = {"policy": "lru", "gpu_budget": gpu_budget, "device": device, "dtype": dtype, "cpu_threads": cpu_threads,
           "profile_path": profile_path}
+    model_dir = _model(model_dir)
     cost = cost_model(model_dir, kw)
     engine = _load(model_dir, kw)
     if trace_path:
@@ -290,15 +310,13 @@ def plan(model_dir, gpu_budget, profile_path, trace_path, max_interval, per_laye
 
 
 @main.command()
-@click.option("--model", "model_dir", default=None,
-              help="Checkpoint directory or preset name (tiny|mini|flash: a random checkpoint is written under "
-                   ".cache/). Default: the built-in trained model, else tiny.")
+@click.option("--model", "model_dir", default=None, help=MODEL_HELP + " Default: the built-in trained model.")
 @click.option("--policies", default="reference,full-offload,lru,cpu-fallback,accelerate,tide", show_default=True,
               help="Comma-separated; tide variants: tide+interval, tide+costfetch, tide+perlayer.")
 @click.option("--budgets", default="25%,50%", show_default=True, help="Comma-separated budgets (bytes, N/layer, %).")
 @click.option("--regime", "regimes", default="block-kv,full", show_default=True, help="Comma-separated regimes.")
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
-              help="Text file, one prompt per blank-line-separated paragraph (default: bench/prompts.txt).")
+              help="JSONL file, one JSON string (a prompt) per line (default: bench/prompts.jsonl).")
 @click.option("--gen-length", default=64, show_default=True)
 @click.option("--block-length", default=32, show_default=True)
 @click.option("--steps", default=32, show_default=True)
@@ -315,15 +333,16 @@ def plan(model_dir, gpu_budget, profile_path, trace_path, max_interval, per_laye
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory (default: results/<date>-<host>-<model>; never overwritten).")
 @click.option("--check", is_flag=True, help="Fail unless the CI regression checks hold (bench/check.py).")
+@click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template (one user turn).")
 def bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps, threshold, device,
-          dtype, cpu_threads, repeat, profile_path, refresh_interval, projections, out, check) -> None:
+          dtype, cpu_threads, repeat, profile_path, refresh_interval, projections, out, check, chat) -> None:
     """Every policy side by side on one model: bench.csv, bench.md, bench.png, env.json under results/."""
-    from bench.runner import run_bench
+    from tide.bench.runner import run_bench
 
     try:
         summary = run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps,
                             threshold, device, dtype, cpu_threads, repeat, profile_path, refresh_interval,
-                            projections, out, check, command="tide " + " ".join(sys.argv[1:]))
+                            projections, out, check, command="tide " + " ".join(sys.argv[1:]), chat=chat)
     except (ValueError, FileNotFoundError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
@@ -332,51 +351,14 @@ def bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block
         sys.exit(1)
 
 
-@main.command("eval")
-@click.option("--model", "model_dir", default=None, help="Checkpoint directory (default: the built-in model).")
-@click.option("--tasks", default=None, help="Comma-separated lm-eval tasks (default: tide_arith,tide_arith_mc; "
-                                            "also tide_humaneval).")
-@click.option("--policies", default="reference,full-offload,lru,cpu-fallback,tide", show_default=True)
-@click.option("--gpu-budget", default="25%", show_default=True, help="Budget for every policy but reference.")
-@click.option("--limit", type=int, default=None, help="Samples per task (default: all).")
-@click.option("--regime", type=click.Choice(REGIMES), default="block-kv", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(DTYPES), default=None)
-@click.option("--cpu-threads", default=1, show_default=True)
-@click.option("--mc-samples", default=8, show_default=True, help="Monte Carlo draws per log-likelihood.")
-@click.option("--refresh-interval", default="4", show_default=True, help="tide's R (auto needs --profile or a "
-                                                                       "calibration).")
-@click.option("--confirm-run-unsafe-code", is_flag=True, help="Allow tasks that execute generated code (HumanEval).")
-@click.option("--check-lossless", is_flag=True, help="Exit 1 if any policy's scores or outputs differ from reference.")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Run directory (default: results/<date>-<host>-eval).")
-def eval_command(model_dir, tasks, policies, gpu_budget, limit, regime, device, dtype, cpu_threads, mc_samples,
-                 refresh_interval, confirm_run_unsafe_code, check_lossless, out) -> None:
-    """Accuracy with lm-evaluation-harness for each policy, and whether each is lossless."""
-    from evals.harness import run_cli
-
-    try:
-        summary, report = run_cli(model_dir, tasks, policies, gpu_budget, limit, regime, device, dtype, cpu_threads,
-                                  mc_samples, _positive_int(refresh_interval, "--refresh-interval"),
-                                  confirm_run_unsafe_code, out, command="tide " + " ".join(sys.argv[1:]))
-    except (ValueError, FileNotFoundError) as err:
-        raise click.UsageError(str(err)) from None
-    click.echo(report)
-    click.echo(json.dumps(summary))
-    if check_lossless and summary["lossy"]:
-        sys.exit(1)
-
-
 def _register_optional_commands() -> None:
-    """Commands that live beside the engine: training the built-in model, the stability study."""
+    """Commands that live beside the engine: training, the stability study, lm-eval evaluation, reproduction."""
+    from tide.bench.stability import stability
+    from tide.evals.commands import eval_command, reproduce_command
     from tide.train import train
 
-    main.add_command(train)
-    try:
-        from bench.stability import stability
-    except ImportError:  # bench is not installed with the package
-        return
-    main.add_command(stability)
+    for command in (train, stability, eval_command, reproduce_command):
+        main.add_command(command)
 
 
 _register_optional_commands()

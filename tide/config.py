@@ -182,6 +182,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def parse_refresh_interval(value: str | int) -> int | str:
+    """TIDE's R as a user gives it: 'auto' (the planner chooses) or a positive integer."""
+    if value == "auto":
+        return "auto"
+    try:
+        interval = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--refresh-interval {value!r}: expected a positive integer or 'auto'") from None
+    if interval < 1:
+        raise ValueError(f"--refresh-interval must be >= 1, got {interval}")
+    return interval
+
+
 def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tide.budget import BudgetSizes, slots_per_layer
-from tide.checkpoint import CheckpointReader, fill_store, load_model, load_tokenizer
+from tide.checkpoint import CheckpointReader, fill_store, load_model, load_tokenizer, read_generation_config
 from tide.config import DTYPES, DecodeConfig, ModelConfig
 from tide.decode import Generation, generate
 from tide.experts.executor import MoEExecutor
@@ -43,14 +43,22 @@ class Engine:
     cpu_threads: int = 1
     staging: int = 2
     policy_name: str = "reference"
+    decode_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
 
     @property
     def config(self) -> ModelConfig:
         return self.model.config
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        """Token ids of `text`; with `chat`, of `text` as one user turn in the tokenizer's chat template."""
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer: pass token ids instead of text")
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError("this checkpoint's tokenizer has no chat template ('chat_template' in "
+                                 "tokenizer_config.json): drop --chat")
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
@@ -157,10 +165,20 @@ def torch_dtype(name: str | None, cfg: ModelConfig) -> torch.dtype:
     return getattr(torch, name)
 
 
-def special_ids(cfg: ModelConfig, tokenizer: Any) -> tuple[int, int | None, list[str]]:
-    """mask and EOS ids: config.json first, then the tokenizer's special tokens, then the official defaults."""
+def special_ids(cfg: ModelConfig, tokenizer: Any, generation: dict | None = None) -> tuple[int, int | None, list[str]]:
+    """mask and EOS ids: config.json, then generation_config.json, then the tokenizer's special tokens, then the
+    official defaults."""
     notes = []
     mask_id, eos_id = cfg.mask_token_id, cfg.eos_token_id
+    generation = generation or {}
+    if mask_id is None and isinstance(generation.get("mask_token_id", generation.get("mask_id")), int):
+        mask_id = generation.get("mask_token_id", generation.get("mask_id"))
+        notes.append(f"mask id {mask_id} taken from generation_config.json")
+    gen_eos = generation.get("eos_token_id")
+    gen_eos = gen_eos[0] if isinstance(gen_eos, list) and gen_eos else gen_eos
+    if eos_id is None and isinstance(gen_eos, int):
+        eos_id = gen_eos
+        notes.append(f"eos id {eos_id} taken from generation_config.json")
     if mask_id is None and tokenizer is not None:
         mask_id = tokenizer.convert_tokens_to_ids("<|mask|>") if "<|mask|>" in tokenizer.get_vocab() else None
         if mask_id is not None:
@@ -177,6 +195,17 @@ def special_ids(cfg: ModelConfig, tokenizer: Any) -> tuple[int, int | None, list
     if mask_id is None:
         raise ValueError("no mask token id: set 'mask_token_id' in config.json or give the tokenizer <|mask|>")
     return mask_id, eos_id, notes
+
+
+# generation_config.json keys -> DecodeConfig fields (dLLM checkpoints may carry their own decoding defaults)
+GENERATION_KEYS = {"max_new_tokens": "gen_length", "gen_length": "gen_length", "block_length": "block_length",
+                   "steps": "steps", "threshold": "threshold", "temperature": "temperature", "top_p": "top_p",
+                   "top_k": "top_k"}
+
+
+def decode_defaults(generation: dict) -> dict[str, Any]:
+    return {field_: generation[key] for key, field_ in GENERATION_KEYS.items()
+            if isinstance(generation.get(key), int | float) and not isinstance(generation.get(key), bool)}
 
 
 def non_expert_bytes(model: LLaDA2Model) -> int:
@@ -204,8 +233,10 @@ def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = N
     store = ExpertStore(cfg, 1, device, next(model.parameters()).dtype, staging, device_tier=False)
     fill_store(reader, store)
     tokenizer = load_tokenizer(path)
-    mask_id, eos_id, notes = special_ids(cfg, tokenizer)
-    engine = Engine(model, store, None, tokenizer, mask_id, eos_id, notes, cpu_threads, staging)
+    generation = read_generation_config(path)
+    mask_id, eos_id, notes = special_ids(cfg, tokenizer, generation)
+    engine = Engine(model, store, None, tokenizer, mask_id, eos_id, notes, cpu_threads, staging,
+                    decode_defaults=decode_defaults(generation))
     engine.configure(policy, gpu_budget, popularity, profile_prompts, **policy_options)
     for note in notes:
         log.info(note)

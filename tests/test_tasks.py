@@ -1,0 +1,81 @@
+"""Task data and scorers: MBPP sanitized (local file, hub fallback, code extraction), the sandbox, HumanEval."""
+
+import json
+import time
+
+import pytest
+
+from tide.evals.sandbox import run_program
+from tide.evals.tasks.utils import extract_code, humaneval_pass, load_humaneval, load_mbpp, mbpp_pass
+
+ROWS = [{"task_id": 2, "prompt": "Write a function to add two numbers.",
+         "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]}]
+
+
+def test_sandbox_passes_fails_and_stops_loops():
+    assert run_program("assert sum([1, 2]) == 3").passed
+    failed = run_program("assert 1 == 2")
+    assert not failed.passed and "AssertionError" in failed.status
+    t0 = time.perf_counter()
+    looping = run_program("while True:\n    pass\n", timeout_s=1.5)
+    assert looping.status == "timed out" and time.perf_counter() - t0 < 10
+
+
+def test_sandbox_cannot_touch_files_outside_or_reach_the_network(tmp_path):
+    victim = tmp_path / "keep.txt"
+    victim.write_text("keep")
+    (tmp_path / "dir").mkdir()
+    attempts = [f"import os; os.remove({str(victim)!r})", f"import shutil; shutil.rmtree({str(tmp_path / 'dir')!r})",
+                f"import pathlib; pathlib.Path({str(victim)!r}).unlink()", f"open({str(victim)!r}, 'w').write('x')",
+                f"import os; os.system('rm {victim}')", f"import subprocess; subprocess.run(['rm', {str(victim)!r}])",
+                "import socket; socket.create_connection(('127.0.0.1', 9))"]
+    for program in attempts:
+        outcome = run_program(program)
+        assert not outcome.passed and "sandbox" in outcome.status, (program, outcome)
+    assert victim.read_text() == "keep" and (tmp_path / "dir").is_dir()
+    assert run_program("open('scratch.txt', 'w').write('ok')").passed  # its own directory is writable
+
+
+def test_mbpp_from_a_local_file_json_or_jsonl(tmp_path):
+    plain, lines = tmp_path / "m.json", tmp_path / "m.jsonl"
+    plain.write_text(json.dumps(ROWS))
+    lines.write_text("\n".join(json.dumps(r) for r in ROWS))
+    for path in (plain, lines):
+        doc = load_mbpp(mbpp_data=str(path))["test"][0]
+        assert doc["test_list_str"] == "assert add(1, 2) == 3\nassert add(-1, 1) == 0"
+    (tmp_path / "bad.json").write_text(json.dumps([{"prompt": "x"}]))
+    with pytest.raises(ValueError, match="bad.json: row 0 lacks"):
+        load_mbpp(mbpp_data=str(tmp_path / "bad.json"))
+
+
+def test_mbpp_offline_without_a_file_is_one_sentence(monkeypatch):
+    import huggingface_hub
+
+    def unreachable(*a, **k):
+        raise OSError("offline")
+
+    monkeypatch.delenv("TIDE_MBPP_DATA", raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(FileNotFoundError, match="--data FILE"):
+        load_mbpp()
+
+
+def test_code_extraction_and_scoring():
+    code = "def add(a, b):\n    return a + b"
+    assert extract_code(f"Here it is:\n```python\n{code}\n```\nDone.") == code
+    assert extract_code(f"```python\n{code}") == code  # generation stopped at the closing fence
+    assert extract_code(f"[BEGIN] '{code}' [DONE]") == code
+    assert extract_code(code.replace("add", "a\\_dd")) == code.replace("add", "a_dd")
+    doc = load_mbpp_doc()
+    assert mbpp_pass(doc, [f"```python\n{code}\n```"]) == {"pass@1": 1.0}
+    assert mbpp_pass(doc, ["```python\ndef add(a, b):\n    return a - b\n```"]) == {"pass@1": 0.0}
+
+
+def load_mbpp_doc():
+    return {"test_list_str": "\n".join(ROWS[0]["test_list"])}
+
+
+def test_humaneval_scorer_runs_code_in_the_sandbox():
+    doc = load_humaneval()["test"][0]
+    assert humaneval_pass(doc, [doc["canonical_solution"]]) == {"pass@1": 1.0}
+    assert humaneval_pass(doc, ["    return None\n"]) == {"pass@1": 0.0}

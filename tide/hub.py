@@ -1,0 +1,138 @@
+"""Where a model and a run's outputs live: `--model` resolution, caches, the results root, the source stamp.
+
+`--model` may name a checkpoint directory, a Hugging Face hub repo (`org/name`, fetched with
+`huggingface_hub.snapshot_download`, which honours HF_HOME and HF_HUB_OFFLINE), a random-weight preset
+(`preset:tiny|mini|flash`, written once into the cache) or nothing (the built-in trained model). A directory
+that exists always wins, and says so when the same string could also name a preset or a hub repo.
+Results go under the current directory; this module never writes into an installed package.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+PRESET_PREFIX = "preset:"
+MODEL_HELP = ("Checkpoint directory, Hugging Face hub id (org/name, fetched into HF_HOME) or preset:tiny|mini|flash "
+              "(random weights).")
+PACKAGE_ROOT = Path(__file__).resolve().parent  # tide/ (in a wheel: site-packages/tide)
+SOURCE_ROOT = PACKAGE_ROOT.parent  # a git checkout's root, or site-packages for an installed wheel
+BUILTIN_MODEL = SOURCE_ROOT / "models" / "tide-tiny-code"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# What a snapshot may bring: weights, configs, tokenizer. Never Python files (no checkpoint code runs here).
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "*.jinja"]
+
+
+def in_checkout() -> bool:
+    return (SOURCE_ROOT / "pyproject.toml").is_file() and (SOURCE_ROOT / "tide").is_dir()
+
+
+def cache_dir() -> Path:
+    """Random preset checkpoints: .cache/ of the checkout, else $XDG_CACHE_HOME/tide (~/.cache/tide)."""
+    if in_checkout():
+        return SOURCE_ROOT / ".cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "tide"
+
+
+def results_root() -> Path:
+    return Path.cwd() / "results"
+
+
+def new_run_dir(out: str | Path | None, kind: str) -> Path:
+    """A fresh run directory: `out` when given (it must be new or empty: results are never overwritten), else
+    results/<date>-<time>-<host>-<kind>, created atomically, with a numeric suffix when a run of the same second
+    holds the name."""
+    if out:
+        path = Path(out)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise ValueError(f"{path}: run directory exists and is not empty (results are never overwritten)")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    base = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{platform.node() or 'host'}-{kind}"
+    for i in range(1000):
+        path = results_root() / (base + (f"-{i}" if i else ""))
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise ValueError(f"{results_root() / base}: could not create a new run directory")
+
+
+def source_stamp() -> str:
+    """The code a result came from: `git describe --always --dirty` of the checkout, else the package version."""
+    if (SOURCE_ROOT / ".git").exists():
+        try:
+            return subprocess.run(["git", "-C", str(SOURCE_ROOT), "describe", "--always", "--dirty"],
+                                  capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"tide-dllm {version('tide-dllm')}"
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def resolve_model(spec: str | Path | None, notes: list[str] | None = None,
+                  snapshot: Callable[..., str] | None = None) -> Path:
+    """A checkpoint directory for `spec` (see the module docstring); `notes` collects what was inferred."""
+    from tide.config import PRESETS
+
+    notes = notes if notes is not None else []
+    if spec is None:
+        if (BUILTIN_MODEL / "config.json").is_file():
+            return BUILTIN_MODEL
+        notes.append("the built-in model is not in this install; using preset:tiny (random weights)")
+        return preset_checkpoint("tiny")
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if text in PRESETS or (HUB_ID.fullmatch(text) and not text.startswith(".")):
+            other = f"the preset needs {PRESET_PREFIX}{text}" if text in PRESETS else "the hub repo is not consulted"
+            notes.append(f"--model {text!r}: a local directory of that name exists and wins ({other})")
+        return path
+    if text.startswith(PRESET_PREFIX):
+        return preset_checkpoint(text[len(PRESET_PREFIX):])
+    if text in PRESETS:
+        raise FileNotFoundError(f"--model {text!r}: no such directory; for a random-weight checkpoint of the "
+                                f"{text} shape write {PRESET_PREFIX}{text}")
+    if HUB_ID.fullmatch(text):
+        return hub_snapshot(text, snapshot)
+    raise FileNotFoundError(f"--model {text!r}: not a directory, nor a hub id (org/name) or "
+                            f"{PRESET_PREFIX}NAME")
+
+
+def preset_checkpoint(name: str) -> Path:
+    """A seeded random checkpoint of preset `name`, written once into cache_dir()."""
+    from tide.checkpoint import write_random_checkpoint
+    from tide.config import preset
+
+    cfg = preset(name)  # unknown names: ValueError listing the presets
+    path = cache_dir() / f"{name}-random"
+    if not (path / "config.json").is_file():
+        write_random_checkpoint(cfg, path, seed=0, tokenizer=cfg.vocab_size < 1024)
+    return path
+
+
+def hub_snapshot(repo_id: str, snapshot: Callable[..., str] | None = None) -> Path:
+    """Download (or find in the HF cache) the files of hub repo `repo_id` that TIDE reads; never its code."""
+    if snapshot is None:
+        from huggingface_hub import snapshot_download as snapshot
+    try:
+        path = Path(snapshot(repo_id=repo_id, allow_patterns=HUB_FILES))
+    except Exception as err:  # network, auth, offline-and-not-cached: all mean "not available here"
+        raise FileNotFoundError(
+            f"--model {repo_id!r}: no local directory of that name, and the Hugging Face hub repo could not be "
+            f"fetched or found in the cache (HF_HOME; {type(err).__name__}: {err}). Download it where the hub is "
+            "reachable and pass the directory.") from None
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: the snapshot of {repo_id!r} has no config.json")
+    return path
