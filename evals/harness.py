@@ -6,7 +6,8 @@ regime: `reference` (all experts resident) when its expert memory fits the devic
 kernels on the same rows, so also exact); the output says which and why. Per run and task, eval.csv holds the
 metric with its stderr, the throughput of that very run (generated tokens/s, forwards, MB host->device, GPU hit
 ratio) and the fraction of samples whose output (token ids, or the log-likelihood value) equals the comparison
-run's. A run whose outputs or scores differ is flagged LOSSY. Files are rewritten after every run (temp + rename),
+run's; requests.csv holds every request's tokens, seconds, forwards and traffic. A run whose outputs or scores
+differ is flagged LOSSY. Files are rewritten after every run (temp + rename),
 so an interrupted evaluation keeps the runs that finished; lm-eval's own results and samples files are written
 by its EvaluationTracker under lm_eval/<run>/.
 """
@@ -166,6 +167,7 @@ def run_eval(spec: EvalSpec, on_run=None) -> tuple[dict[str, Any], list[dict], d
     header = run_header(spec, model, against, why, notes)
     comparison: dict[str, dict] = {}  # regime -> outputs of the comparison run
     table: list[dict] = []
+    requests: list[dict] = []  # one row per request of every run (requests.csv)
     for run in runs:
         lm = evaluate_run(spec, engine, run, manager, model, run_dir)
         outputs = outputs_of(lm)
@@ -173,7 +175,9 @@ def run_eval(spec: EvalSpec, on_run=None) -> tuple[dict[str, Any], list[dict], d
         if first:
             comparison[run.regime] = outputs
         table += rows(run, lm, comparison[run.regime], against, first)
-        write(table, header, run_dir)
+        requests += [{"policy": run.policy, "budget": run.budget, "regime": run.regime, "task": x["task"],
+                      "doc_id": x["doc_id"], "idx": x["idx"], "kind": x["kind"], **x["stats"]} for x in lm.records]
+        write(table, requests, header, run_dir)
         if on_run:
             on_run(run, table)
         del lm
@@ -233,6 +237,7 @@ def rows(run: Run, lm, against_outputs: dict[tuple, Any], against: str, is_compa
         same = [k in against_outputs and mine[k] == against_outputs[k] for k in keys]
         gen = [x["stats"] for x in recs if x["kind"] == "generate"]
         tokens, seconds = sum(s["generated_tokens"] for s in gen), sum(s["seconds"] for s in gen)
+        per_sample = [s["generated_tokens"] / s["seconds"] for s in gen if s["seconds"] > 0]
         gpu, cpu = (sum(x["stats"].get(k, 0) for x in recs) for k in ("pairs_gpu", "pairs_cpu"))
         for name, value in metrics.items():
             metric, _, flt = name.partition(",")
@@ -246,6 +251,7 @@ def rows(run: Run, lm, against_outputs: dict[tuple, Any], against: str, is_compa
                 "budget": run.budget, "slots_per_layer": lm.engine.store.slots, "regime": run.regime,
                 "samples": len(keys), "generated_tokens": tokens, "seconds": seconds,
                 "tokens_per_s": tokens / seconds if seconds else None,
+                "tokens_per_s_per_sample": sum(per_sample) / len(per_sample) if per_sample else None,
                 "forwards": sum(x["stats"].get("forwards", 0) for x in recs),
                 "mb_h2d": sum(x["stats"].get("bytes_h2d", 0) for x in recs) / 1e6,
                 "gpu_hit_ratio": gpu / (gpu + cpu) if gpu + cpu else None, "against": against,
@@ -301,10 +307,11 @@ def _fmt(value: Any, spec: str) -> str:
     return "" if value is None or (isinstance(value, float) and value != value) else format(value, spec)
 
 
-def write(table: list[dict], header: dict[str, Any], out: Path) -> None:
-    """eval.csv, eval.md, env.json: each written to a temp name and renamed, so none is ever half-written."""
-    for name, text in (("eval.csv", pd.DataFrame(table).to_csv(index=False)), ("eval.md", markdown(table, header)),
-                       ("env.json", json.dumps(header, indent=2, default=str))):
+def write(table: list[dict], requests: list[dict], header: dict[str, Any], out: Path) -> None:
+    """eval.csv, requests.csv, eval.md, env.json: each written to a temp name and renamed, never half-written."""
+    for name, text in (("eval.csv", pd.DataFrame(table).to_csv(index=False)),
+                       ("requests.csv", pd.DataFrame(requests).to_csv(index=False)),
+                       ("eval.md", markdown(table, header)), ("env.json", json.dumps(header, indent=2, default=str))):
         tmp = out / f".{name}.{os.getpid()}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out / name)

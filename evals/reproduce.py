@@ -61,7 +61,8 @@ def table1(eval_rows: list[dict], against: str, paper: str | None) -> pd.DataFra
         paper_tps = PAPER_TOKENS_PER_S.get(paper or "", {}).get(r.budget) if r.policy == "tide" else None
         out.append({"task": r.task, "policy": r.policy, "budget": r.budget, "regime": r.regime,
                     r.metric: f"{r.value:.3f} ± {r.stderr:.3f}" if r.stderr == r.stderr and r.stderr is not None
-                    else f"{r.value:.3f}", "tok/s": r.tokens_per_s, "tide speed-up over it": speedup,
+                    else f"{r.value:.3f}", "tok/s": r.tokens_per_s, "tok/s per sample": r.tokens_per_s_per_sample,
+                    "tide speed-up over it": speedup,
                     f"identical to {against}": r.identical_fraction, "MB H2D": r.mb_h2d,
                     "GPU hit": r.gpu_hit_ratio, "paper tok/s (2nd-hand)": paper_tps})
     return pd.DataFrame(out)

@@ -19,7 +19,8 @@ def test_paper_settings_follow_the_config():
 
 def test_report_puts_the_papers_figures_beside_ours_labelled_second_hand():
     rows = [{"task": "tide_mbpp_sanitized", "metric": "pass@1", "value": v, "stderr": 0.01, "policy": p,
-             "budget": "128/layer", "regime": "block-kv", "tokens_per_s": t, "identical_fraction": 1.0, "mb_h2d": 1.0,
+             "budget": "128/layer", "regime": "block-kv", "tokens_per_s": t, "tokens_per_s_per_sample": t,
+             "identical_fraction": 1.0, "mb_h2d": 1.0,
              "gpu_hit_ratio": 0.9, "forwards": 10, "lossless": True, "is_comparison": False}
             for p, v, t in (("lru", 0.5, 1.0), ("tide", 0.5, 1.5))]
     header = {"model": "m", "command": "c", "machine": "x", "commit": "y", "against": "full-offload",
@@ -38,4 +39,6 @@ def test_reproduce_on_the_built_in_model_writes_its_report(tmp_path):
     text = (out / "reproduce.md").read_text()
     assert "## Table 1 (ours, measured)" in text and "identical to reference" in text
     assert "no figures for this model shape" in text and (out / "eval.csv").is_file()
+    requests = __import__("pandas").read_csv(out / "requests.csv")
+    assert len(requests) == 5 * 2 and (requests.generated_tokens > 0).all()  # (reference + 2 x 2 budgets) x 2
     assert list((out / "lm_eval").rglob("samples_*.jsonl"))  # per-sample outputs are kept
