@@ -20,7 +20,7 @@ EVAL_ARGS ?=
 # same pipeline on the built-in model and task. REPRODUCE_ARGS e.g. "--data sanitized-mbpp.json --limit 50".
 REPRODUCE_ARGS ?=
 
-.PHONY: venv test bench bench-check microbench eval reproduce lint loc clean
+.PHONY: venv test bench bench-check microbench eval reproduce gpu-check lint loc clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ eval: venv
 
 reproduce: venv
 	$(BIN)/tide --threads $(THREADS) reproduce $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) $(REPRODUCE_ARGS)
+
+# The CUDA checks on a bare GPU machine, with its own Python (no venv, no network): see bench/gpu_check.py.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHONPATH=. $(GPU_PYTHON) -m tide.bench.gpu_check
 
 microbench: venv
 	$(BIN)/pytest -q bench/micro --benchmark-only

@@ -6,20 +6,30 @@ import pandas as pd
 
 from tide.bench.sweep import COLUMNS
 from tide.cost import CostModel
+from tide.evals.lossless import TOLERANCE
 from tide.planner import solve_interval
 
 
 def check(bench: pd.DataFrame, context: dict, cost: CostModel) -> list[str]:
     """Return the failed checks (empty when all hold)."""
     failures = []
-    if list(bench.columns[: len(COLUMNS)]) != COLUMNS:
+    if list(bench.columns[: len(COLUMNS)]) != COLUMNS:  # the schema
         failures.append(f"bench.csv schema changed: {list(bench.columns[: len(COLUMNS)])}")
-    checked = bench.dropna(subset=["identical_to_reference"])
-    if "reference" not in set(bench.policy):
-        failures.append("no reference run: losslessness was not checked")
-    bad = checked[~checked.identical_to_reference.astype(bool)]
-    for _, row in bad.iterrows():
-        failures.append(f"{row.variant} at {row.budget} ({row.regime}) is not token-identical to the reference")
+    for _, row in bench[bench.kind == "error"].iterrows():
+        failures.append(f"{row.variant} at {row.budget} ({row.regime}) failed: {row.error}")
+    bench = bench[bench.kind != "error"]
+    if bench.truth.isna().all():
+        failures.append("no reference or full-offload run: losslessness was not checked")
+    for _, row in bench.dropna(subset=["identical_to_reference"]).iterrows():
+        where = f"{row.variant} at {row.budget} ({row.regime})"
+        if row.lossless_level == "a" and not bool(row.identical_to_reference):  # level a: exact
+            failures.append(f"{where} (no host tier) is not token-identical to {row.truth}")
+        if row.lossless_level == "b":
+            if not bool(row.identical_to_tier_matched):  # level b: exact against the tier-matched reference
+                failures.append(f"{where} is not token-identical to its tier-matched reference")
+            if row.top1_agreement < TOLERANCE.top1_agreement_min:  # level c: agreement within tolerance
+                failures.append(f"{where}: teacher-forced top-1 agreement with {row.truth} {row.top1_agreement:.3f} "
+                                f"< {TOLERANCE.top1_agreement_min}")
     med = bench.groupby(["variant", "budget", "regime"]).bytes_h2d.median()
     for (variant, budget, regime), tide_bytes in med.items():
         if variant != "tide":

@@ -16,14 +16,20 @@ from tide.bench.sweep import BASELINES
 KEYS = ["variant", "budget", "slots_per_layer", "regime"]
 
 
+def yes_no(s: pd.Series) -> str:
+    s = s.dropna()
+    return "n/a" if not len(s) else ("yes" if s.astype(bool).all() else "NO")
+
+
 def summarise(bench: pd.DataFrame) -> pd.DataFrame:
+    bench = bench[bench.kind != "error"]
     g = bench.groupby(KEYS, sort=False)
     out = g.agg(tokens_per_s=("tokens_per_s", "median"), tps_min=("tokens_per_s", "min"),
                 tps_max=("tokens_per_s", "max"), forwards_per_block=("forwards_per_block", "median"),
                 mb_h2d=("bytes_h2d", lambda b: b.median() / 1e6), gpu_hit_ratio=("gpu_hit_ratio", "median"),
                 pairs_cpu=("pairs_cpu", "median"), moe_s=("moe_s", "median"),
-                identical=("identical_to_reference", lambda s: "yes" if s.dropna().all() and len(s.dropna()) else
-                           ("NO" if len(s.dropna()) else "n/a")),
+                level=("lossless_level", "first"), identical=("identical_to_reference", yes_no),
+                tier_matched=("identical_to_tier_matched", yes_no), top1=("top1_agreement", "min"),
                 refresh_interval=("refresh_interval", "first")).reset_index()
     for base in BASELINES:
         col = f"x_vs_{base}"
@@ -65,7 +71,7 @@ def table(df: pd.DataFrame, floatfmt: str = ".3g") -> str:
 
 
 def markdown(bench: pd.DataFrame, proj: pd.DataFrame | None, card: list[str], command: str) -> str:
-    first = bench.iloc[0]
+    first = bench[bench.kind != "error"].iloc[0] if (bench.kind != "error").any() else bench.iloc[0]
     gpu = first.get("hw_gpu")
     gpu = gpu if isinstance(gpu, str) and gpu else "no GPU (the device tier is the CPU: a fetch is a host memcpy)"
     machine = (f"{gpu}; CPU {first.hw_cpu}, {first.hw_cores} cores, torch {first.hw_torch} with "
@@ -75,7 +81,10 @@ def markdown(bench: pd.DataFrame, proj: pd.DataFrame | None, card: list[str], co
            f"Machine: {machine}", "", "## Card", "", *[f"- {c}" for c in card], "",
            "## Measured", "", f"*Measured* on the machine above, median of {bench.repeat.nunique()} interleaved "
            "repeat(s) (min-max in brackets). Throughput counts generated tokens up to EOS over wall time. "
-           "`x_vs_P`: tokens/s ratio to policy P at the same budget and regime.", ""]
+           "`x_vs_P`: tokens/s ratio to policy P at the same budget and regime. Lossless contract "
+           f"(evals/lossless.py), against the ground truth **{first.truth}**: `level` a (no host tier: `identical` "
+           "must be yes) or b (host tier: `tier_matched`, identity with the tier-matched reference, must be yes); "
+           "`top1`: teacher-forced top-1 agreement with the ground truth (level c; 1 on a CPU-only machine).", ""]
     for regime, grp in s.groupby("regime", sort=False):
         shown = grp.assign(tokens_per_s=[f"{m:.2f} [{a:.2f}-{b:.2f}]" for m, a, b in
                                          zip(grp.tokens_per_s, grp.tps_min, grp.tps_max, strict=True)])
@@ -83,6 +92,10 @@ def markdown(bench: pd.DataFrame, proj: pd.DataFrame | None, card: list[str], co
         out += [f"### regime {regime}", "", table(shown), ""]
     lost = losses(s)
     out += ["## Where a baseline beats TIDE", ""] + (lost or ["- nowhere in this run"]) + [""]
+    failed = bench[bench.kind == "error"]
+    if len(failed):
+        out += ["## Runs that failed", ""] + [f"- {r.variant} at {r.budget} ({r.regime}, repeat {r.repeat}): {r.error}"
+                                              for _, r in failed.iterrows()] + [""]
     if proj is not None and len(proj):
         out += ["## Modelled projections", "", "*Modelled*, not measured: each run's recorded routing is replayed "
                 "through a reference machine's cost model (`tide calibrate --estimate`, published rates). "
@@ -104,6 +117,8 @@ def plot(bench: pd.DataFrame, path: Path) -> None:
 
     s = summarise(bench)
     regimes = list(s.regime.unique())
+    if not regimes:
+        return
     fig, axes = plt.subplots(1, len(regimes), figsize=(6 * len(regimes), 4), squeeze=False)
     for ax, regime in zip(axes[0], regimes, strict=True):
         for variant, grp in s[s.regime == regime].groupby("variant", sort=False):

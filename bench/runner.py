@@ -50,9 +50,9 @@ def read_prompts(path: str | None) -> list[str]:
 
 def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps, threshold,
               device, dtype, cpu_threads, repeat, profile_path, refresh_interval, machines, out, check,
-              command: str, chat: bool = False) -> dict:
+              command: str, chat: bool = False, layers: int | None = None) -> dict:
     notes: list[str] = []
-    model = resolve_model(model_dir, notes)
+    model = resolve_model(model_dir, notes, layers=layers)
     for note in notes:
         print(f"note: {note}")
     cfg = ModelConfig.from_json(model / "config.json")
@@ -85,6 +85,11 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
     if proj is not None and len(proj):
         proj.to_csv(run_dir / "projections.csv", index=False)
     card.append(oracle_line(context, cost))
+    if context["truth_note"]:
+        card.append(f"ground truth: {context['truth_note']}")
+    if "accelerate" in policy_list:
+        card.append("accelerate is measured as accelerate runs it: its hooks copy each offloaded expert per call and "
+                    "empty the CUDA cache on every load (allocator churn counts against it)")
     (run_dir / "bench.md").write_text(report.markdown(bench_df, proj, card, command))
     report.plot(bench_df, run_dir / "bench.png")
     env = {"command": command, "model": str(model), "spec": {k: str(v) for k, v in vars(spec).items() if k != "cost"},
@@ -94,7 +99,7 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
     print((run_dir / "bench.md").read_text())
     summary = {"out": str(run_dir), "rows": len(rows), "kind": "measured",
                "tokens_per_s": {f"{r['variant']}|{r['budget']}|{r['regime']}": round(r["tokens_per_s"], 3)
-                                for r in rows if r["repeat"] == 0}}
+                                for r in rows if r["repeat"] == 0 and r.get("kind") != "error"}}
     if check:
         summary["failures"] = run_checks(bench_df, context, cost)
         for failure in summary["failures"]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from tide.bench.bounds import oracle_bound_s
 from tide.bench.hardware import stamp
@@ -23,6 +24,8 @@ from tide.calibrate import estimate
 from tide.config import DecodeConfig
 from tide.cost import CostModel
 from tide.engine import Engine, load
+from tide.evals.lossless import all_resident_fits, compare_logits, level, teacher_forced_logits, token_agreement
+from tide.experts.store import DeviceMemoryError
 from tide.planner import solve_interval
 from tide.policy import PolicyContext, make_policy
 from tide.trace import RoutingTrace, replay
@@ -35,7 +38,10 @@ COLUMNS = ["policy", "variant", "budget", "slots_per_layer", "budget_bytes", "re
            "fetched_experts", "streamed_experts", "pairs_gpu", "pairs_cpu", "gpu_hit_ratio", "fetch_s",
            "gpu_expert_s", "cpu_expert_s", "moe_s", "non_expert_s", "peak_gpu_bytes", "identical_to_reference",
            "refresh_interval", "kind", "model", "num_hidden_layers", "hidden_size", "num_experts",
-           "moe_intermediate_size", "expert_bytes", "dtype", "device", "cpu_threads"]
+           "moe_intermediate_size", "expert_bytes", "dtype", "device", "cpu_threads",
+           # the lossless contract (evals/lossless.py): level a or b, and level c's agreement with the ground truth
+           "truth", "lossless_level", "identical_to_tier_matched", "token_agreement", "first_divergence",
+           "logits_max_abs_diff", "top1_agreement", "peak_gpu_reserved_bytes", "error"]
 
 
 @dataclass
@@ -90,8 +96,12 @@ def run_sweep(spec: SweepSpec, on_row: Callable[[dict], None] | None = None) -> 
              "num_experts": cfg.num_experts, "moe_intermediate_size": cfg.moe_intermediate_size,
              "expert_bytes": engine.store.expert_bytes, "dtype": str(engine.store.dtype).removeprefix("torch."),
              "device": spec.device, "cpu_threads": spec.cpu_threads}
+    truth, note = ground_truth(engine, [p for p, _, _ in runs])
+    if note:
+        print(f"note: {note}")
+    runs = ordered_runs(runs, truth)
     profiles: dict[tuple[str, str], tuple] = {}
-    reference: dict[tuple[str, int], list[list[int]]] = {}
+    reference: dict[tuple[str, int], tuple[list[list[int]], list]] = {}  # truth tokens and probe logits
     traces: dict[tuple[str, str, str], RoutingTrace] = {}
     rows: list[dict] = []
     for rep in range(spec.repeat):
@@ -109,29 +119,89 @@ def run_sweep(spec: SweepSpec, on_row: Callable[[dict], None] | None = None) -> 
                     if policy == "tide" and (options.get("refresh_interval", "auto") == "auto"
                                              or options.get("cost_fetch")):
                         options = {"refresh_interval": "auto", **options, "cost": spec.cost}
-                    engine.configure(policy, None if policy == "reference" else budget, popularity, trace=ptrace,
-                                     **options)
-                    row = measure(engine, prompts, dcfg, rep, label, "all" if policy == "reference" else budget)
-                    interval = getattr(engine.executor.policy, "interval", None)
-                    row["refresh_interval"] = json.dumps(sorted(set(interval.values()))) if interval else None
-                    key = (regime, rep)
-                    tokens = row.pop("_tokens")
-                    if policy == "reference":
-                        reference[key] = tokens
-                    row["identical_to_reference"] = tokens == reference[key] if key in reference else None
-                    traces[(label, row["budget"], regime)] = row.pop("_trace")
+                    shown = "all" if policy == "reference" else budget
+                    try:
+                        engine.configure(policy, None if policy == "reference" else budget, popularity, trace=ptrace,
+                                         **options)
+                        row = measure(engine, prompts, dcfg, rep, label, shown)
+                        row.update(contract(engine, prompts, dcfg, row, reference, (regime, rep), truth, policy,
+                                            budget))
+                    except (DeviceMemoryError, torch.OutOfMemoryError) as err:  # the sweep goes on
+                        row = {"policy": policy, "variant": label, "budget": shown, "regime": regime, "repeat": rep,
+                               "kind": "error", "error": f"{type(err).__name__}: {err}".splitlines()[0]}
+                        print(f"note: {label} at {shown} ({regime}) failed: {row['error']}")
+                    else:
+                        interval = getattr(engine.executor.policy, "interval", None)
+                        row["refresh_interval"] = json.dumps(sorted(set(interval.values()))) if interval else None
+                        traces[(label, row["budget"], regime)] = row.pop("_trace")
                     rows.append({**row, **shape, **hw})
                     write_csv(rows, spec.out / "bench.csv")
                     if on_row:
                         on_row(rows[-1])
-    return rows, {"traces": traces, "profiles": profiles, "engine": engine}
+    return rows, {"traces": traces, "profiles": profiles, "engine": engine, "truth": truth, "truth_note": note}
+
+
+def ground_truth(engine: Engine, policies: list[str]) -> tuple[str | None, str | None]:
+    """The run every other is compared with: reference when every expert fits the device, else full-offload
+    (the same kernels on the same rows, so also exact). Returns it and a note when it is not the reference."""
+    if "reference" in policies:
+        fits, why = all_resident_fits(engine)
+        if fits:
+            return "reference", None
+        return "full-offload", f"{why}: its runs are skipped and full-offload (exact) is the ground truth"
+    if "full-offload" in policies:
+        return "full-offload", "no reference run: full-offload (exact) is the ground truth"
+    return None, "neither reference nor full-offload runs: outputs are not compared"
+
+
+def ordered_runs(runs: list[tuple[str, str, dict]], truth: str | None) -> list[tuple[str, str, dict]]:
+    """The ground truth first (added when it stands in for a reference that does not fit), reference dropped
+    when it is not the truth and did not fit."""
+    if truth is None:
+        return runs
+    keep = [r for r in runs if r[0] != "reference" or truth == "reference"]
+    first = [r for r in keep if r[1] == truth] or [(truth, truth, {})]
+    return first + [r for r in keep if r[1] != truth]
+
+
+def contract(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig, row: dict, reference: dict, key: tuple,
+             truth: str | None, policy: str, budget: str) -> dict:
+    """The three lossless levels for one measured run (evals/lossless.py); pops the run's tokens and host log."""
+    tokens, host_log = row.pop("_tokens"), row.pop("_host_log")
+    if policy == truth and key not in reference:
+        probes = [teacher_forced_logits(engine, p, t, cfg.block_length) for p, t in zip(prompts, tokens, strict=True)]
+        reference[key] = (tokens, probes)
+    out = {"truth": truth, "lossless_level": level(row["pairs_cpu"])}
+    if key not in reference:
+        return out
+    truth_tokens, truth_probes = reference[key]
+    agreement = [token_agreement(a, b) for a, b in zip(truth_tokens, tokens, strict=True)]
+    firsts = [f for _, f in agreement if f is not None]
+    logits = [compare_logits(t, teacher_forced_logits(engine, p, tt, cfg.block_length))
+              for p, t, tt in zip(prompts, truth_probes, truth_tokens, strict=True)]
+    out.update(identical_to_reference=tokens == truth_tokens, first_divergence=min(firsts, default=None),
+               token_agreement=sum(a for a, _ in agreement) / len(agreement),
+               logits_max_abs_diff=max(d for d, _ in logits), top1_agreement=min(t for _, t in logits))
+    if out["lossless_level"] == "b":  # replay the recorded host sets: same experts on the same tier
+        from tide.baselines.tier_matched import TierMismatch
+
+        engine.configure("tier-matched", budget, host_log=host_log)
+        try:
+            out["identical_to_tier_matched"] = [engine.generate(p, cfg).tokens for p in prompts] == tokens
+        except TierMismatch as err:  # the replay routed differently: the outputs were not the same
+            out["identical_to_tier_matched"] = False
+            print(f"note: {policy} at {budget}: {err}")
+    return out
 
 
 def measure(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig, rep: int, label: str, budget: str) -> dict:
     engine.run(prompts[0], cfg)  # untimed warm-up
+    recording = hasattr(engine.executor, "host_log")  # the accelerate peer has no host tier
+    if recording:
+        engine.executor.host_log = []  # the host experts of every timed layer-forward, for the tier-matched replay
     total: dict[str, float] = {}
     tokens, trace = [], RoutingTrace(engine.config.num_experts, engine.config.moe_layers)
-    peak = 0
+    peak = reserved = 0
     blocks = 0
     for p in prompts:
         result = engine.run(p, cfg, trace=True)
@@ -140,9 +210,13 @@ def measure(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig, rep: in
         s = result["stats"]
         blocks += len(s["steps_per_block"])
         peak = max(peak, s["peak_gpu_bytes"] or 0)
+        reserved = max(reserved, s["peak_gpu_reserved_bytes"] or 0)
         for k in ("generated_tokens", "seconds", "forwards", "bytes_h2d", "fetched_experts", "streamed_experts",
                   "pairs_gpu", "pairs_cpu", "fetch_s", "gpu_expert_s", "cpu_expert_s", "moe_s", "non_expert_s"):
             total[k] = total.get(k, 0) + s[k]
+    host_log = engine.executor.host_log if recording else []
+    if recording:
+        engine.executor.host_log = None
     pairs = total["pairs_gpu"] + total["pairs_cpu"]
     return {"policy": label.partition("+")[0], "variant": label, "budget": budget,
             "slots_per_layer": engine.store.slots, "budget_bytes": engine.store.device_bytes, "regime": cfg.regime,
@@ -150,7 +224,8 @@ def measure(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig, rep: in
             "tokens_per_s": total["generated_tokens"] / total["seconds"],
             "forwards_per_block": total["forwards"] / max(1, blocks),
             "gpu_hit_ratio": total["pairs_gpu"] / pairs if pairs else 1.0,
-            "peak_gpu_bytes": peak or None, "kind": "measured", "_tokens": tokens, "_trace": trace}
+            "peak_gpu_bytes": peak or None, "peak_gpu_reserved_bytes": reserved or None, "kind": "measured",
+            "_tokens": tokens, "_trace": trace, "_host_log": host_log}
 
 
 def projections(rows: list[dict], context: dict, machines: list[str]) -> list[dict]:

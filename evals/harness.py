@@ -112,33 +112,16 @@ def plan_runs(spec: EvalSpec, against: str) -> list[Run]:
     return runs
 
 
-def choose_against(spec: EvalSpec, engine) -> tuple[str, str]:
-    """(policy, why): the exact comparison the evaluation is measured against."""
-    fits, why = all_resident_fits(engine)
+def choose_against(spec: EvalSpec, fits: bool, why: str) -> tuple[str, str]:
+    """(policy, why): the exact comparison the evaluation is measured against, given whether the reference fits."""
     if spec.against != "auto":
         if spec.against not in EXACT:
             raise ValueError(f"--against {spec.against!r}: choose reference, full-offload or auto")
         if spec.against == "reference" and not fits:
             raise ValueError(f"--against reference: {why}; use --against full-offload")
         return spec.against, f"chosen with --against ({why})"
-    return ("reference", why + ": it fits") if fits else ("full-offload", why + ": it does not fit, so full-offload "
-                                                          "(same kernels, same rows) is the exact comparison")
-
-
-def all_resident_fits(engine) -> tuple[bool, str]:
-    import torch
-
-    store = engine.store
-    need = (store.num_experts * len(store.layers) + engine.staging) * store.expert_bytes
-    if store.device.type == "cuda":
-        free, where = torch.cuda.mem_get_info(store.device)[0], f"free on {store.device}"
-    else:
-        import psutil
-
-        free, where = psutil.virtual_memory().available, "of available host memory"
-    free += store.device_bytes  # what our own device tier holds now is freed before the next one
-    return need <= free, (f"the all-resident reference needs {need / 1e9:.2f} GB of expert memory, "
-                          f"{free / 1e9:.2f} GB {where}")
+    return ("reference", why) if fits else ("full-offload", why + ", so full-offload (same kernels, same rows) is "
+                                            "the exact comparison")
 
 
 def run_eval(spec: EvalSpec, on_run=None) -> tuple[dict[str, Any], list[dict], dict[str, Any]]:
@@ -146,6 +129,7 @@ def run_eval(spec: EvalSpec, on_run=None) -> tuple[dict[str, Any], list[dict], d
     import tide.baselines  # noqa: F401  (registers the baseline policies)
     import tide.refresh  # noqa: F401
     from tide.engine import load
+    from tide.evals.lossless import all_resident_fits
     from tide.hub import new_run_dir, resolve_model
 
     if spec.offline or all(t in OUR_TASKS for t in spec.tasks):
@@ -159,22 +143,29 @@ def run_eval(spec: EvalSpec, on_run=None) -> tuple[dict[str, Any], list[dict], d
     engine = load(model, policy="full-offload", gpu_budget=spec.budgets[0], device=spec.device, dtype=spec.dtype,
                   cpu_threads=spec.cpu_threads)
     notes += engine.notes
-    against, why = choose_against(spec, engine)
+    fits, why = all_resident_fits(engine)
+    against, why = choose_against(spec, fits, why)
     runs = plan_runs(spec, against)
-    if "reference" in spec.policies and against != "reference" and not all_resident_fits(engine)[0]:
+    if "reference" in spec.policies and not fits:
         runs = [r for r in runs if r.policy != "reference"]
         notes.append(f"reference skipped: {why}")
     header = run_header(spec, model, against, why, notes)
     comparison: dict[str, dict] = {}  # regime -> outputs of the comparison run
+    against_rows: dict[str, dict] = {}  # regime -> its rows, by (task, metric)
     table: list[dict] = []
     requests: list[dict] = []  # one row per request of every run (requests.csv)
     for run in runs:
         lm = evaluate_run(spec, engine, run, manager, model, run_dir)
+        if getattr(lm, "tier_note", None):
+            notes.append(f"{run.slug}: {lm.tier_note}")  # header["notes"] is this list
         outputs = outputs_of(lm)
         first = run.regime not in comparison  # plan_runs puts the comparison run first in each regime
         if first:
             comparison[run.regime] = outputs
-        table += rows(run, lm, comparison[run.regime], against, first)
+        new = rows(run, lm, comparison[run.regime], against, first, against_rows.get(run.regime))
+        if first:
+            against_rows[run.regime] = {(r["task"], r["metric"]): r for r in new}
+        table += new
         requests += [{"policy": run.policy, "budget": run.budget, "regime": run.regime, "task": x["task"],
                       "doc_id": x["doc_id"], "idx": x["idx"], "kind": x["kind"], **x["stats"]} for x in lm.records]
         write(table, requests, header, run_dir)
@@ -188,10 +179,7 @@ def run_eval(spec: EvalSpec, on_run=None) -> tuple[dict[str, Any], list[dict], d
 
 def evaluate_run(spec: EvalSpec, engine, run: Run, manager, model: Path, run_dir: Path):
     """One lm-eval pass of `run` over the shared engine; lm-eval's results (and samples) under lm_eval/<run>/."""
-    from lm_eval import simple_evaluate
-    from lm_eval.loggers import EvaluationTracker
 
-    from tide.evals.lm_eval_model import TideLM
 
     options: dict[str, Any] = {}
     if run.policy == "tide":
@@ -202,39 +190,75 @@ def evaluate_run(spec: EvalSpec, engine, run: Run, manager, model: Path, run_dir
             cfg = engine.config
             options["cost"] = load_or_calibrate(spec.profile, cfg.hidden_size, cfg.moe_intermediate_size,
                                                 engine.store.dtype, spec.device, spec.cpu_threads)
-    engine.configure(run.policy, None if run.budget == "all" else run.budget, **options)
+    budget = None if run.budget == "all" else run.budget
+    engine.configure(run.policy, budget, **options)
     engine.run(engine.encode("warm-up"), WARMUP)  # untimed, as in tide bench: first-call costs stay out of tok/s
+    recording = hasattr(engine.executor, "host_log")  # the accelerate peer has no host tier
+    if recording:
+        engine.executor.host_log = []  # every layer-forward's host experts, for the tier-matched replay
+    lm, results = lm_eval_pass(spec, engine, run, manager, model, str(run_dir / "lm_eval" / run.slug))
+    host_log = engine.executor.host_log if recording else []
+    if recording:
+        engine.executor.host_log = None
+    lm.results, lm.tier_matched = results["results"], None
+    if any(cpu for _, cpu in host_log):  # level b: the same requests with the same host sets, every other expert
+        from tide.baselines.tier_matched import TierMismatch  # on the device tier
+
+        engine.configure("tier-matched", budget or spec.budgets[0], host_log=host_log)
+        try:
+            lm.tier_matched = outputs_of(lm_eval_pass(spec, engine, run, manager, model, None)[0])
+        except TierMismatch as err:  # outputs differ so much that the routing did: no sample can match
+            lm.tier_matched, lm.tier_note = {}, str(err)
+    return lm
+
+
+def lm_eval_pass(spec: EvalSpec, engine, run: Run, manager, model: Path, output_path: str | None):
+    """lm-eval's simple_evaluate over the engine as configured; its results (and samples) under output_path."""
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+
+    from tide.evals.lm_eval_model import TideLM
+
     extra = {"mc_samples": spec.mc_samples} if spec.mc_samples else {}
     lm = TideLM(str(model), policy=run.policy, engine=engine, decode_from="model", seed=spec.seed,
                 **{**spec.decode, "regime": run.regime}, **extra)
-    tracker = EvaluationTracker(output_path=str(run_dir / "lm_eval" / run.slug))
+    tracker = EvaluationTracker(output_path=output_path) if output_path else None
     results = simple_evaluate(model=lm, model_args=f"pretrained={model.name},policy={run.policy},"
                               f"gpu_budget={run.budget},regime={run.regime}", tasks=list(spec.tasks),
-                              task_manager=manager, limit=spec.limit, log_samples=spec.log_samples,
+                              task_manager=manager, limit=spec.limit, log_samples=spec.log_samples and tracker,
                               evaluation_tracker=tracker, apply_chat_template=spec.apply_chat_template,
                               confirm_run_unsafe_code=spec.confirm_unsafe_code, bootstrap_iters=1000,
                               random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed,
                               fewshot_random_seed=spec.seed)
     samples = results.pop("samples", None)
-    tracker.save_results_aggregated(results=results, samples=samples)
-    for task in results.get("configs", {}) if samples else ():
-        tracker.save_results_samples(task_name=task, samples=samples[task])
-    lm.results = results["results"]
-    return lm
+    if tracker is not None:
+        tracker.save_results_aggregated(results=results, samples=samples)
+        for task in results.get("configs", {}) if samples else ():
+            tracker.save_results_samples(task_name=task, samples=samples[task])
+    return lm, results
 
 
 def outputs_of(lm) -> dict[tuple, Any]:
     return {(x["task"], x["doc_id"], x["idx"]): x["output"] for x in lm.records}
 
 
-def rows(run: Run, lm, against_outputs: dict[tuple, Any], against: str, is_comparison: bool = False) -> list[dict]:
-    """One row per (task, metric) of one run: value, stderr, throughput, identity with the comparison run."""
+def rows(run: Run, lm, against_outputs: dict[tuple, Any], against: str, is_comparison: bool = False,
+         against_rows: dict[tuple, dict] | None = None) -> list[dict]:
+    """One row per (task, metric) of one run: value, stderr, throughput, and the three lossless levels
+    (evals/lossless.py) against the comparison run and, for a host-tier run, its tier-matched replay."""
+    from tide.evals.lossless import TOLERANCE, relative_difference, token_agreement
+
     mine = outputs_of(lm)
     out = []
     for task, metrics in lm.results.items():
         recs = [x for x in lm.records if x["task"] == task]
         keys = [k for k in mine if k[0] == task]
         same = [k in against_outputs and mine[k] == against_outputs[k] for k in keys]
+        pairs = [(against_outputs[k], mine[k]) for k in keys if k in against_outputs]
+        agree = [token_agreement(a, b)[0] for a, b in pairs if isinstance(a, list)]
+        ll = [relative_difference(a[0], b[0]) for a, b in pairs if isinstance(a, tuple)]
+        tier = lm.tier_matched
+        tier_same = [tier.get(k) == mine[k] for k in keys] if tier is not None else []
         gen = [x["stats"] for x in recs if x["kind"] == "generate"]
         tokens, seconds = sum(s["generated_tokens"] for s in gen), sum(s["seconds"] for s in gen)
         per_sample = [s["generated_tokens"] / s["seconds"] for s in gen if s["seconds"] > 0]
@@ -245,8 +269,10 @@ def rows(run: Run, lm, against_outputs: dict[tuple, Any], against: str, is_compa
                     isinstance(value, bool):
                 continue
             stderr = metrics.get(f"{metric}_stderr,{flt}")
+            label = metric if flt in ("", "none") else f"{metric} ({flt})"
+            ref = (against_rows or {}).get((task, label))
             out.append({
-                "task": task, "metric": metric if flt in ("", "none") else f"{metric} ({flt})", "value": value,
+                "task": task, "metric": label, "value": value,
                 "stderr": stderr if isinstance(stderr, int | float) else None, "policy": run.policy,
                 "budget": run.budget, "slots_per_layer": lm.engine.store.slots, "regime": run.regime,
                 "samples": len(keys), "generated_tokens": tokens, "seconds": seconds,
@@ -255,9 +281,21 @@ def rows(run: Run, lm, against_outputs: dict[tuple, Any], against: str, is_compa
                 "forwards": sum(x["stats"].get("forwards", 0) for x in recs),
                 "mb_h2d": sum(x["stats"].get("bytes_h2d", 0) for x in recs) / 1e6,
                 "gpu_hit_ratio": gpu / (gpu + cpu) if gpu + cpu else None, "against": against,
-                "is_comparison": is_comparison, "identical_fraction": sum(same) / len(same) if same else None})
+                "is_comparison": is_comparison, "lossless_level": "b" if cpu else "a",
+                "identical_fraction": sum(same) / len(same) if same else None,
+                "identical_to_tier_matched": sum(tier_same) / len(tier_same) if tier_same else None,
+                "token_agreement": sum(agree) / len(agree) if agree else None,
+                "ll_rel_diff_max": max(ll) if ll else None,
+                "within_stderr": None if ref is None else abs(value - ref["value"]) <= max(
+                    ref["stderr"] or 0.0, stderr if isinstance(stderr, int | float) else 0.0)})
     for r in out:
-        r["lossless"] = None if r["identical_fraction"] is None or is_comparison else r["identical_fraction"] == 1.0
+        if is_comparison or r["identical_fraction"] is None:
+            r["lossless"] = None
+        elif r["lossless_level"] == "a":  # same kernels on the same rows: exact
+            r["lossless"] = r["identical_fraction"] == 1.0
+        else:  # exact against the tier-matched replay, and within tolerance of the comparison (level c)
+            r["lossless"] = (r["identical_to_tier_matched"] == 1.0 and r["within_stderr"] is not False
+                             and (r["ll_rel_diff_max"] or 0.0) <= TOLERANCE.ll_rel_diff_max)
     return out
 
 
@@ -285,21 +323,26 @@ def markdown(table: list[dict], header: dict[str, Any]) -> str:
 
 def markdown_rows(table: list[dict], header: dict[str, Any]) -> list[str]:
     """The per (run, task, metric) table, the verdict and the notes."""
-    lines = ["`identical`: fraction of samples whose output (generated token ids, or the log-likelihood value) "
-             f"equals the {header['against']} run's exactly; tok/s, forwards, MB H2D and GPU hit ratio are from the "
-             "same run as the score.", "",
+    lines = ["Lossless contract (evals/lossless.py): `level` a = no expert on the host, so the outputs must equal "
+             f"the {header['against']} run's (`identical`, the fraction of samples with the same token ids or "
+             "log-likelihood); b = a host tier, so they must equal the tier-matched replay's (`tier-matched`: the "
+             "same experts on the host, every other on the device) and stay within tolerance of the comparison "
+             "(`agree`: token agreement; the metric within its stderr). tok/s, forwards, MB H2D and GPU hit ratio "
+             "are from the same run as the score.", "",
              "| task | metric | policy | budget | regime | value | stderr | tok/s | forwards | MB H2D | GPU hit | "
-             "identical | verdict |", "|" + "---|" * 13]
+             "level | identical | tier-matched | agree | verdict |", "|" + "---|" * 16]
     for r in table:
         verdict = "comparison" if r["is_comparison"] else "" if r["lossless"] is None else (
             "lossless" if r["lossless"] else "**LOSSY**")
         cells = [r["task"], r["metric"], r["policy"], r["budget"], r["regime"], f"{r['value']:.4f}",
                  _fmt(r["stderr"], ".4f"), _fmt(r["tokens_per_s"], ".2f"), str(r["forwards"]),
-                 f"{r['mb_h2d']:.1f}", _fmt(r["gpu_hit_ratio"], ".3f"), _fmt(r["identical_fraction"], ".3f"), verdict]
+                 f"{r['mb_h2d']:.1f}", _fmt(r["gpu_hit_ratio"], ".3f"), r["lossless_level"],
+                 _fmt(r["identical_fraction"], ".3f"), _fmt(r["identical_to_tier_matched"], ".3f"),
+                 _fmt(r["token_agreement"], ".3f"), verdict]
         lines.append("| " + " | ".join(cells) + " |")
     lossy = sorted({r["policy"] for r in table if r["lossless"] is False})
     lines += ["", f"**LOSSY policies: {', '.join(lossy)}**" if lossy else
-              f"Every policy's outputs equal {header['against']}'s."]
+              "Every policy meets the lossless contract."]
     return lines + [f"- note: {n}" for n in header["notes"]]
 
 

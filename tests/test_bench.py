@@ -33,8 +33,14 @@ def test_rows_schema_and_identity(sweep):
     assert list(bench.columns[: len(COLUMNS)]) == COLUMNS
     assert len(bench) == 6 and set(bench.variant) == {"reference", "full-offload", "lru", "cpu-fallback", "tide",
                                                       "tide+interval"}
-    assert bench.identical_to_reference.all()
+    assert bench.identical_to_reference.all() and (bench.truth == "reference").all()
     assert (bench.kind == "measured").all() and bench.hw_cpu.notna().all()
+    levels = dict(zip(bench.variant, bench.lossless_level, strict=True))
+    assert levels["lru"] == levels["full-offload"] == "a" and levels["cpu-fallback"] == levels["tide"] == "b"
+    host = bench[bench.lossless_level == "b"]
+    assert host.identical_to_tier_matched.astype(bool).all()  # level b, replayed from each run's host sets
+    assert (bench.top1_agreement == 1.0).all() and (bench.logits_max_abs_diff == 0.0).all()  # CPU: one kernel
+    assert (bench.token_agreement == 1.0).all() and bench.first_divergence.isna().all()
     tide = bench[bench.variant == "tide"].iloc[0]
     assert tide.bytes_h2d < bench[bench.variant == "lru"].iloc[0].bytes_h2d
 
@@ -51,7 +57,14 @@ def test_report_and_checks(sweep, tmp_path):
     assert check(bench, context, cost) == []
     lossy = bench.copy()
     lossy.loc[lossy.variant == "lru", "identical_to_reference"] = False
-    assert any("not token-identical" in f for f in check(lossy, context, cost))
+    assert any("lru at 25% (block-kv) (no host tier) is not token-identical" in f for f in check(lossy, context, cost))
+    slot_bug = bench.copy()
+    slot_bug.loc[slot_bug.variant == "tide", "identical_to_tier_matched"] = False
+    assert any("tide at 25% (block-kv) is not token-identical to its tier-matched" in f
+               for f in check(slot_bug, context, cost))
+    drift = bench.copy()
+    drift.loc[drift.variant == "cpu-fallback", "top1_agreement"] = 0.5
+    assert any("top-1 agreement" in f for f in check(drift, context, cost))
     heavy = bench.copy()
     heavy.loc[heavy.variant == "tide", "bytes_h2d"] = 10**12
     assert any("not below lru" in f for f in check(heavy, context, cost))
@@ -116,3 +129,35 @@ def test_prompts_are_jsonl_and_keep_blank_lines(tmp_path):
     bad.write_text('"ok"\nnot json\n')
     with pytest.raises(ValueError, match="p.jsonl:2: not JSON"):
         read_prompts(str(bad))
+
+
+def test_a_run_that_runs_out_of_memory_is_a_row_and_the_sweep_goes_on(tiny_dir, tmp_path, monkeypatch):
+    from tide.engine import Engine
+    from tide.experts.store import DeviceMemoryError
+
+    real = Engine.configure
+
+    def configure(self, policy, *a, **k):
+        if policy == "full-offload":
+            raise DeviceMemoryError("4 expert slots per layer need 9.00 GB on cuda:0; 1.00 GB is free there")
+        return real(self, policy, *a, **k)
+
+    monkeypatch.setattr(Engine, "configure", configure)
+    spec = SweepSpec(str(tiny_dir), ["reference", "full-offload", "tide"], ["4/layer"], ["block-kv"], ["abc"],
+                     DecodeConfig(gen_length=8, block_length=8), repeat=1, cost=estimate("h100-pcie5", 64, 32, 4),
+                     out=tmp_path / "b", tide_options={"refresh_interval": 2})
+    rows, context = run_sweep(spec)
+    bench = pd.read_csv(spec.out / "bench.csv")
+    assert list(bench.kind) == ["measured", "error", "measured"] and "9.00 GB" in bench.error.iloc[1]
+    assert any("full-offload at 4/layer (block-kv) failed" in f for f in check(bench, context, spec.cost))
+    assert "## Runs that failed" in report.markdown(bench, None, [], "t")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU machine gpu-check really runs")
+def test_gpu_check_without_cuda_says_so_and_runs_nothing():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "tide.bench.gpu_check"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().splitlines() == [
+        "gpu-check: no CUDA device on this machine; nothing was run."]

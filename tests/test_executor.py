@@ -76,3 +76,39 @@ def test_broken_policy_fails_loudly_with_name_and_layer():
     x, ids, w = routing()
     with pytest.raises(PlanError, match="policy 'dropper', layer 1: routed experts not covered"):
         ex(1, x, ids, w, StepInfo(0, 0))
+
+
+def test_one_host_read_per_layer_forward_and_no_syncing_ops(monkeypatch):
+    """The counts are the only device-to-host read of a layer-forward (a CPU proxy for the CUDA sync count):
+    read_counts runs once per call, and no op that syncs on CUDA (bincount, nonzero, item, unique) runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    store, ex = setup("cpu-fallback", slots=4, threads=2, popularity={1: {0: 9, 1: 8}, 2: {3: 5}})
+    reads = []
+    real = ex.read_counts
+    monkeypatch.setattr(ex, "read_counts", lambda ids: reads.append(1) or real(ids))
+    syncing = {"aten.bincount.default", "aten.nonzero.default", "aten._local_scalar_dense.default",
+               "aten._unique2.default", "aten.unique_consecutive.default", "aten.masked_select.default"}
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, ids, w = routing(n=12)
+    with Spy():
+        ex(1, x, ids, w, StepInfo(0, 0))
+        ex(2, x, ids, w, StepInfo(0, 0))
+    assert len(reads) == 2 and ex.counters.records[0].pairs_cpu > 0  # the host tier was used
+    assert not syncing & set(seen), syncing & set(seen)
+
+
+def test_host_log_records_each_calls_host_experts():
+    store, ex = setup("cpu-fallback", slots=4, popularity={1: {0: 9, 1: 8}, 2: {3: 5}})
+    ex.host_log = []
+    x, ids, w = routing(n=6)
+    ex(1, x, ids, w, StepInfo(0, 2))
+    (at, cpu), = ex.host_log
+    assert (at.block, at.step, at.layer) == (0, 2, 1)
+    assert cpu == frozenset(ids.unique().tolist()) - store.resident(1)

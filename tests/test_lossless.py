@@ -46,3 +46,47 @@ def test_tide_variants_are_token_identical(tiny_dir, reference, options):
     engine = load(tiny_dir, policy="tide", gpu_budget="4/layer", **options)
     cfg = DecodeConfig(gen_length=40, block_length=16, steps=8, threshold=0.5, regime="block-kv")
     assert [engine.generate(engine.encode(p), cfg).tokens for p in PROMPTS] == reference["block-kv"]
+
+
+def float64_swiglu(x, gate_up, down):
+    """The same expert, computed in float64 and rounded back: an equally exact, differently rounded host GEMM
+    (what a GPU host's CPU GEMM is to cuBLAS)."""
+    from tide.experts.executor import swiglu
+
+    return swiglu(x.double(), gate_up.double(), down.double()).to(x.dtype)
+
+
+def test_tier_matched_reference_absorbs_a_different_host_summation_order(tiny_dir):
+    """Level b stays exact when the host tier rounds differently; level c reports the small disagreement."""
+    from tide.evals.lossless import TOLERANCE, compare_logits, teacher_forced_logits
+
+    cfg = DecodeConfig(gen_length=32, block_length=16, steps=8, threshold=0.5)
+    engine = load(tiny_dir, policy="cpu-fallback", gpu_budget="4/layer")
+    engine.host_kernel = float64_swiglu
+    engine.configure("cpu-fallback", "4/layer")
+    prompts = [engine.encode(p) for p in PROMPTS]
+    engine.executor.host_log = []
+    run = [engine.generate(p, cfg).tokens for p in prompts]
+    log, engine.executor.host_log = engine.executor.host_log, None
+    probes = [teacher_forced_logits(engine, p, t, 16) for p, t in zip(prompts, run, strict=True)]
+    assert any(cpu for _, cpu in log)
+    engine.configure("tier-matched", "4/layer", host_log=log)
+    assert [engine.generate(p, cfg).tokens for p in prompts] == run  # level b: bit-identical
+    engine.configure("reference")  # the all-device reference: every expert through the plain kernel
+    truth = [teacher_forced_logits(engine, p, t, 16) for p, t in zip(prompts, run, strict=True)]
+    diffs = [compare_logits(t, r) for t, r in zip(truth, probes, strict=True)]
+    assert max(d for d, _ in diffs) > 0  # the orders differ in the last bits ...
+    assert max(d for d, _ in diffs) < 1e-3 and min(a for _, a in diffs) >= TOLERANCE.top1_agreement_min  # ... only
+
+
+def test_tier_matched_replay_detects_divergence(tiny_dir):
+    from tide.baselines.tier_matched import TierMismatch
+
+    cfg = DecodeConfig(gen_length=16, block_length=16, steps=8, threshold=0.5)
+    engine = load(tiny_dir, policy="tide", gpu_budget="4/layer", refresh_interval=2)
+    engine.executor.host_log = []
+    engine.generate(engine.encode(PROMPTS[0]), cfg)
+    log = engine.executor.host_log
+    engine.configure("tier-matched", "4/layer", host_log=log)
+    with pytest.raises(TierMismatch, match="diverged"):
+        engine.generate(engine.encode(PROMPTS[1]), cfg)  # another prompt routes differently

@@ -1,5 +1,6 @@
 """`pip install .` gives one import namespace with its data files, and results land in the current directory."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -9,6 +10,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_holds_one_namespace_with_its_data(tmp_path):
+    leftover = not (ROOT / "build").exists()  # an in-tree build leaves build/ behind: remove what we made
+    try:
+        _build_and_probe(tmp_path)
+    finally:
+        if leftover:
+            shutil.rmtree(ROOT / "build", ignore_errors=True)
+
+
+def _build_and_probe(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
     wheel = next(tmp_path.glob("tide_dllm-*.whl"))

@@ -21,7 +21,8 @@ def test_report_puts_the_papers_figures_beside_ours_labelled_second_hand():
     rows = [{"task": "tide_mbpp_sanitized", "metric": "pass@1", "value": v, "stderr": 0.01, "policy": p,
              "budget": "128/layer", "regime": "block-kv", "tokens_per_s": t, "tokens_per_s_per_sample": t,
              "identical_fraction": 1.0, "mb_h2d": 1.0,
-             "gpu_hit_ratio": 0.9, "forwards": 10, "lossless": True, "is_comparison": False}
+             "gpu_hit_ratio": 0.9, "forwards": 10, "lossless": True, "is_comparison": False, "lossless_level": "a",
+             "identical_to_tier_matched": None, "token_agreement": 1.0}
             for p, v, t in (("lru", 0.5, 1.0), ("tide", 0.5, 1.5))]
     header = {"model": "m", "command": "c", "machine": "x", "commit": "y", "against": "full-offload",
               "against_why": "w", "notes": [], "spec": {"tasks": ["tide_mbpp_sanitized"], "limit": None, "decode": {},

@@ -63,12 +63,32 @@ def test_slot_limits_and_device_bytes():
     assert ExpertStore(CFG, 3, "cpu", torch.float32, device_tier=False).device_bytes == 0
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_fetch_is_async_from_pinned_memory():
-    store = ExpertStore(CFG, 2, "cuda", torch.bfloat16)
-    assert store.host[1].is_pinned() and store.copy_stream is not None
-    store.host[1].normal_()
-    store.apply(1, Plan(fetch=frozenset({3})))
-    gate_up, _ = store.gpu_weights(1, 3)  # waits on the copy event
-    assert torch.equal(gate_up.cpu(), store.host_weights(1, 3)[0])
+def test_resize_is_transactional_under_allocation_failure(monkeypatch):
+    """A device tier that does not fit leaves a consistent store and a sentence; a later resize works."""
+    import tide.experts.store as st
+
+    store = filled_store(slots=3)
+    store.apply(1, Plan(fetch=frozenset({2})))
+    real_empty = torch.empty
+
+    def failing_empty(*shape, **kw):
+        if shape and shape[0] == 9:  # the 9-slot tier "does not fit"
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_empty(*shape, **kw)
+
+    monkeypatch.setattr(st.torch, "empty", failing_empty)
+    with pytest.raises(st.DeviceMemoryError, match="9 expert slots per layer need"):
+        store.resize(9)
+    assert store.slots == 0 and store.device_bytes == 0 and store.resident(1) == frozenset()
+    monkeypatch.setattr(st.torch, "empty", real_empty)
+    store.resize(4)
+    store.apply(1, Plan(fetch=frozenset({5})))
+    assert torch.equal(store.gpu_weights(1, 5)[0], store.host_weights(1, 5)[0])
+
+
+def test_host_memory_is_checked_before_allocating(monkeypatch):
+    import tide.experts.store as st
+
+    monkeypatch.setattr(st, "free_bytes", lambda device: 1000)
+    with pytest.raises(st.DeviceMemoryError, match="host master of the routed experts needs .* GB of host memory"):
+        ExpertStore(CFG, 2, "cpu", torch.float32)

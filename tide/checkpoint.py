@@ -87,10 +87,10 @@ def load_model(reader: CheckpointReader, device: torch.device | str, dtype: torc
     """Build the model's non-expert part on `device` in `dtype`, filled tensor by tensor from the checkpoint."""
     with torch.device("meta"):
         model = LLaDA2Model(reader.config)
-    model.to_empty(device=device)
-    model.to(dtype)
+    model.to(dtype)  # on meta: the weights are materialised in `dtype` directly, never as a transient fp32 copy
     for moe in model.moe_layers():
         moe.gate.expert_bias.data = moe.gate.expert_bias.data.float()
+    model.to_empty(device=device)
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for name, target in tqdm(expected.items(), desc="loading weights", unit="tensor", leave=False,
                              disable=len(expected) < 200):
@@ -199,26 +199,30 @@ SPECIALS = {"pad_token": "<|pad|>", "eos_token": "<|endoftext|>", "mask_token": 
 
 
 def write_byte_tokenizer(path: str | Path, cfg: ModelConfig) -> None:
-    """A byte-level tokenizer: ids 0..255 are bytes; pad/eos/mask get the config's ids (must be >= 256)."""
+    """A byte-level tokenizer for random checkpoints of any vocabulary: ids 0..255 are bytes; eos/mask (and pad,
+    unless it is the eos) get the config's ids (>= 256); other generated ids decode to nothing."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     ids = {"pad_token": cfg.pad_token_id, "eos_token": cfg.eos_token_id, "mask_token": cfg.mask_token_id}
     if any(i is None or i < 256 for i in ids.values()) or cfg.vocab_size < 259:
         raise ValueError("a byte tokenizer needs vocab_size >= 259 and pad/eos/mask token ids >= 256")
+    specials = dict(SPECIALS)
+    if cfg.pad_token_id == cfg.eos_token_id:  # LLaDA2.0 pads with its EOS id
+        specials["pad_token"] = specials["eos_token"]
     vocab = {char: b for b, char in enumerate(_bytes_to_unicode())}
-    for key, token in SPECIALS.items():
+    for key, token in specials.items():
         vocab[token] = ids[key]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIALS.values()))
-    save_tokenizer(tok, path)
+    tok.add_special_tokens(list(dict.fromkeys(specials.values())))
+    save_tokenizer(tok, path, specials)
 
 
-def save_tokenizer(tok, path: str | Path) -> None:
+def save_tokenizer(tok, path: str | Path, specials: dict[str, str] | None = None) -> None:
     path = Path(path)
     tok.save(str(path / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **SPECIALS, "model_max_length": 1 << 20}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **(specials or SPECIALS), "model_max_length": 1 << 20}
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 

@@ -97,8 +97,7 @@ def make_checkpoint(preset_name: str, layers: int | None, dtype: str | None, out
     overrides = {k: v for k, v in (("num_hidden_layers", layers), ("dtype", dtype)) if v is not None}
     try:
         cfg = preset(preset_name, **overrides)
-        path = write_random_checkpoint(cfg, out, seed=seed, max_shard_bytes=convert_file_size_to_int(shard_size),
-                                       tokenizer=cfg.vocab_size < 1024)
+        path = write_random_checkpoint(cfg, out, seed=seed, max_shard_bytes=convert_file_size_to_int(shard_size))
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     click.echo(f"wrote {path} ({preset_name}, {cfg.num_hidden_layers} layers, seed {seed})")
@@ -334,15 +333,18 @@ def plan(model_dir, gpu_budget, profile_path, trace_path, max_interval, per_laye
               help="Run directory (default: results/<date>-<host>-<model>; never overwritten).")
 @click.option("--check", is_flag=True, help="Fail unless the CI regression checks hold (bench/check.py).")
 @click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template (one user turn).")
+@click.option("--layers", type=int, default=None,
+              help="With --model preset:NAME: that shape truncated to this many layers (e.g. mini at 4 layers).")
 def bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps, threshold, device,
-          dtype, cpu_threads, repeat, profile_path, refresh_interval, projections, out, check, chat) -> None:
+          dtype, cpu_threads, repeat, profile_path, refresh_interval, projections, out, check, chat, layers) -> None:
     """Every policy side by side on one model: bench.csv, bench.md, bench.png, env.json under results/."""
     from tide.bench.runner import run_bench
 
     try:
         summary = run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps,
                             threshold, device, dtype, cpu_threads, repeat, profile_path, refresh_interval,
-                            projections, out, check, command="tide " + " ".join(sys.argv[1:]), chat=chat)
+                            projections, out, check, command="tide " + " ".join(sys.argv[1:]), chat=chat,
+                            layers=layers)
     except (ValueError, FileNotFoundError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

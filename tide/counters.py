@@ -32,28 +32,42 @@ class LayerStep:
     fetch_s: float = 0.0  # copy time (CUDA events on the copy stream; host time on CPU)
     gpu_expert_s: float = 0.0
     cpu_expert_s: float = 0.0  # worker wall time
-    moe_s: float = 0.0  # whole executor call, host wall time (on CUDA it ends when the work is queued)
+    moe_s: float = 0.0  # whole executor call: host wall time on CPU; on CUDA, compute-stream time between events
 
 
 class Spans:
-    """Named time spans; CUDA spans are event pairs read only after a synchronize."""
+    """Named time spans. CUDA spans are event pairs on a stream, read only after a synchronize, and recorded only
+    while `enabled` (timed runs), so untimed work never piles up events; host spans are perf_counter."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.enabled = False
         self._pending: list[tuple[LayerStep, str, object, object]] = []
 
-    @contextmanager
-    def span(self, record: LayerStep, name: str, stream: torch.cuda.Stream | None = None) -> Iterator[None]:
+    def begin(self, stream: torch.cuda.Stream | None = None) -> object:
+        if not self.cuda:
+            return time.perf_counter()
+        if not self.enabled:
+            return None
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        return start
+
+    def end(self, record: LayerStep, name: str, start: object, stream: torch.cuda.Stream | None = None) -> None:
+        if start is None:
+            return
         if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            yield
+            end = torch.cuda.Event(enable_timing=True)
             end.record(stream)
             self._pending.append((record, name, start, end))
         else:
-            t0 = time.perf_counter()
-            yield
-            setattr(record, name, getattr(record, name) + time.perf_counter() - t0)
+            setattr(record, name, getattr(record, name) + time.perf_counter() - start)
+
+    @contextmanager
+    def span(self, record: LayerStep, name: str, stream: torch.cuda.Stream | None = None) -> Iterator[None]:
+        start = self.begin(stream)
+        yield
+        self.end(record, name, start, stream)
 
     def resolve(self) -> None:
         if self._pending:

@@ -6,21 +6,23 @@ name in the registry (filled by the `tide.policies` entry points: baselines and 
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from tide.budget import BudgetSizes, slots_per_layer
 from tide.checkpoint import CheckpointReader, fill_store, load_model, load_tokenizer, read_generation_config
 from tide.config import DTYPES, DecodeConfig, ModelConfig
 from tide.decode import Generation, generate
-from tide.experts.executor import MoEExecutor
-from tide.experts.store import ExpertStore
+from tide.experts.executor import MoEExecutor, swiglu
+from tide.experts.store import DeviceMemoryError, ExpertStore, free_bytes
 from tide.model import LLaDA2Model
 from tide.policy import PolicyContext, load_registered, make_policy
 from tide.trace import RoutingTrace
@@ -44,6 +46,7 @@ class Engine:
     staging: int = 2
     policy_name: str = "reference"
     decode_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
+    host_kernel: Callable[[Tensor, Tensor, Tensor], Tensor] = swiglu  # host-tier experts (MoEExecutor)
 
     @property
     def config(self) -> ModelConfig:
@@ -69,15 +72,22 @@ class Engine:
 
     def run(self, ids: list[int], cfg: DecodeConfig, trace: bool = False) -> dict[str, Any]:
         """One timed generation: tokens, stats (counters, throughput, peak GPU memory) and the optional trace."""
+        if self.executor is None:
+            raise ValueError("the engine has no policy configured (the last configure failed)")
         self.executor.counters.clear()
         self.executor.trace = RoutingTrace(self.config.num_experts, self.config.moe_layers) if trace else None
-        cuda = self.store.device.type == "cuda"
+        device = self.store.device
+        cuda = device.type == "cuda"
         if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        gen = self.generate(ids, cfg)
-        counters = self.executor.finish()  # synchronises the device
+        self.executor.timing = True  # device time spans only in timed runs, resolved by finish() below
+        try:
+            gen = self.generate(ids, cfg)
+            counters = self.executor.finish()  # synchronises the device
+        finally:
+            self.executor.timing = False
         seconds = time.perf_counter() - t0
         totals = counters.totals()
         stats = {"generated_tokens": len(gen.tokens), "seconds": seconds,
@@ -85,7 +95,8 @@ class Engine:
                  "forwards_per_block": gen.forwards / max(1, len(gen.steps_per_block)),
                  "steps_per_block": gen.steps_per_block, "slots_per_layer": self.store.slots,
                  "expert_bytes": self.store.expert_bytes, "regime": cfg.regime, "device": str(self.store.device),
-                 "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+                 "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+                 "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
                  **totals, "non_expert_s": seconds - totals["moe_s"],
                  "routed_tokens_per_layer": counters.routed_tokens_per_layer()}
         trace_obj, self.executor.trace = self.executor.trace, None
@@ -123,17 +134,35 @@ class Engine:
             self.notes.append(note)
         else:
             chosen = make_policy(policy, ctx, **options)
-        old = getattr(self, "executor", None)
-        if old is not None:
-            old.close()
-        self.store.resize(slots, self.staging, device_tier=getattr(chosen, "device_tier", True))
+        if device_tier := getattr(chosen, "device_tier", True):
+            self.check_fit(slots, gpu_budget)
+        if self.executor is not None:
+            self.executor.close()
+        self.executor = None  # no half-configured engine if resize fails
+        gc.collect()  # accelerate's hooks hold cycles: free the previous tier's memory before the next
+        if self.store.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.store.resize(slots, self.staging, device_tier=device_tier)
         if hasattr(chosen, "build_executor"):  # a peer that brings its own executor (accelerate)
             self.executor = chosen.build_executor(self.store, self.cpu_threads)
         else:
-            self.executor = MoEExecutor(self.store, chosen, self.cpu_threads)
+            self.executor = MoEExecutor(self.store, chosen, self.cpu_threads, self.host_kernel)
         self.executor.warm_start()
         self.model.set_executor(self.executor)
         self.policy_name = policy
+
+    def check_fit(self, slots: int, gpu_budget: str | None) -> None:
+        """Refuse a device tier that cannot fit beside what is already on the device, in one sentence."""
+        store = self.store
+        per_layer = len(store.layers) * store.expert_bytes
+        need = slots * per_layer + self.staging * store.expert_bytes
+        room = free_bytes(store.device) + store.device_bytes  # the current tier is given back first if needed
+        if need > room:
+            fits = max(0, (room - self.staging * store.expert_bytes) // per_layer)
+            raise DeviceMemoryError(
+                f"gpu budget {gpu_budget or 'all'} needs {slots} expert slots per layer: {need / 1e9:.2f} GB on "
+                f"{store.device}, where {room / 1e9:.2f} GB is free (non-expert weights already loaded); at most "
+                f"{fits}/layer fits")
 
     def profile_routing(self, gpu_budget: str | None, prompts: list[list[int]] | None = None,
                         cfg: DecodeConfig | None = None) -> tuple[dict[int, dict[int, int]], RoutingTrace]:
@@ -223,8 +252,10 @@ def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = N
          popularity: Mapping[int, Mapping[int, int]] | None = None, profile_prompts: list[list[int]] | None = None,
          **policy_options: Any) -> Engine:
     """Load a checkpoint directory and wire the named policy in (see Engine.configure; budgets: tide.budget)."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+        torch.cuda.set_device(torch.device(device))  # events, streams and memory stats follow the engine's GPU
     if cpu_threads < 1:
         raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
     reader = CheckpointReader(path)

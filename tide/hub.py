@@ -82,11 +82,14 @@ def source_stamp() -> str:
 
 
 def resolve_model(spec: str | Path | None, notes: list[str] | None = None,
-                  snapshot: Callable[..., str] | None = None) -> Path:
-    """A checkpoint directory for `spec` (see the module docstring); `notes` collects what was inferred."""
+                  snapshot: Callable[..., str] | None = None, layers: int | None = None) -> Path:
+    """A checkpoint directory for `spec` (see the module docstring); `notes` collects what was inferred.
+    `layers` truncates a preset (preset:mini with 4 layers is written as such, never the full 32 GB first)."""
     from tide.config import PRESETS
 
     notes = notes if notes is not None else []
+    if layers is not None and not str(spec).startswith(PRESET_PREFIX):
+        raise ValueError(f"--layers {layers}: only a preset:NAME model can be truncated (got --model {spec})")
     if spec is None:
         if (BUILTIN_MODEL / "config.json").is_file():
             return BUILTIN_MODEL
@@ -100,7 +103,7 @@ def resolve_model(spec: str | Path | None, notes: list[str] | None = None,
             notes.append(f"--model {text!r}: a local directory of that name exists and wins ({other})")
         return path
     if text.startswith(PRESET_PREFIX):
-        return preset_checkpoint(text[len(PRESET_PREFIX):])
+        return preset_checkpoint(text[len(PRESET_PREFIX):], layers)
     if text in PRESETS:
         raise FileNotFoundError(f"--model {text!r}: no such directory; for a random-weight checkpoint of the "
                                 f"{text} shape write {PRESET_PREFIX}{text}")
@@ -110,15 +113,16 @@ def resolve_model(spec: str | Path | None, notes: list[str] | None = None,
                             f"{PRESET_PREFIX}NAME")
 
 
-def preset_checkpoint(name: str) -> Path:
-    """A seeded random checkpoint of preset `name`, written once into cache_dir()."""
+def preset_checkpoint(name: str, layers: int | None = None) -> Path:
+    """A seeded random checkpoint of preset `name` (optionally `layers` deep) with a byte tokenizer, written once
+    into cache_dir()."""
     from tide.checkpoint import write_random_checkpoint
     from tide.config import preset
 
-    cfg = preset(name)  # unknown names: ValueError listing the presets
-    path = cache_dir() / f"{name}-random"
+    cfg = preset(name, **({"num_hidden_layers": layers} if layers is not None else {}))  # errors name the field
+    path = cache_dir() / (f"{name}-{layers}layers-random" if layers is not None else f"{name}-random")
     if not (path / "config.json").is_file():
-        write_random_checkpoint(cfg, path, seed=0, tokenizer=cfg.vocab_size < 1024)
+        write_random_checkpoint(cfg, path, seed=0)
     return path
 
 

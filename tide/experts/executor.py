@@ -1,8 +1,10 @@
 """The executor: acts on one MoE layer's routing, as the policy planned, with the store's memory.
 
-Per call: count tokens per expert (the layer's one device-to-host sync) -> policy.plan -> check_plan ->
-store.apply -> host experts to the CPU worker pool -> device experts (resident, then streamed) -> join ->
-combine. Counters are updated here and only here. Decides nothing about placement.
+Per call: count tokens per expert (the layer's one device-to-host sync: the counts, copied once into pinned
+memory) -> policy.plan -> check_plan -> store.apply -> host experts to the CPU worker pool (their activations
+leave through a pinned buffer and an event the workers wait on; results return the same way, non-blocking)
+-> device experts (resident, then streamed) -> join -> combine. Counters are updated here and only here.
+Decides nothing about placement.
 
 Losslessness: every expert is computed by the same `swiglu` on the same rows whatever its tier, and the
 combine is sort-and-scatter in expert-id order followed by a fixed-order sum over k, never index_add_
@@ -12,6 +14,7 @@ combine is sort-and-scatter in expert-id order followed by a fixed-order sum ove
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -56,11 +59,20 @@ def swiglu(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
     return F.linear(F.silu(gate) * up, down)
 
 
+def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, cuda: bool) -> Tensor:
+    """A staging tensor on the host: pinned with CUDA (torch's caching host allocator keeps a block until the
+    copies that read or wrote it are done), plain memory otherwise."""
+    return torch.empty(shape, dtype=dtype, pin_memory=cuda)
+
+
 class MoEExecutor:
-    def __init__(self, store: ExpertStore, policy: Policy, cpu_threads: int = 1) -> None:
+    def __init__(self, store: ExpertStore, policy: Policy, cpu_threads: int = 1,
+                 host_kernel: Callable[[Tensor, Tensor, Tensor], Tensor] = swiglu) -> None:
+        """`host_kernel` computes host-tier experts (the same `swiglu` as the device tier unless a test or a
+        faster host implementation supplies another: the tier-matched reference then uses it too)."""
         if cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
-        self.store, self.policy = store, policy
+        self.store, self.policy, self.host_kernel = store, policy, host_kernel
         # Parallelism on the host comes from the workers: each computes its experts single-threaded, so
         # workers and the main thread never oversubscribe the cores with nested OpenMP teams.
         self.pool = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="tide-cpu-expert",
@@ -69,6 +81,16 @@ class MoEExecutor:
         self.counters = Counters()
         self.spans = Spans(store.device)
         self.trace: RoutingTrace | None = None  # set to record every layer-forward's routing
+        self.host_log: list[tuple[StepInfo, frozenset[int]]] | None = None  # set to record each call's host experts
+        self.cuda = store.device.type == "cuda"
+
+    @property
+    def timing(self) -> bool:
+        return self.spans.enabled
+
+    @timing.setter
+    def timing(self, on: bool) -> None:
+        self.spans.enabled = on
 
     def warm_start(self) -> None:
         for layer in self.store.layers:
@@ -79,17 +101,19 @@ class MoEExecutor:
 
     def __call__(self, layer: int, x: Tensor, ids: Tensor, weights: Tensor, at: StepInfo) -> Tensor:
         t0 = time.perf_counter()
+        start = self.spans.begin() if self.cuda else None
         at = replace(at, layer=layer)
         store, policy = self.store, self.policy
         N, k = ids.shape
-        flat_ids = ids.reshape(-1)
-        counts_list = torch.bincount(flat_ids, minlength=store.num_experts).tolist()  # the one sync
+        counts_list = self.read_counts(ids.reshape(-1))  # the one device-to-host sync
         counts = {e: c for e, c in enumerate(counts_list) if c}
         if self.trace is not None:
             self.trace.add(at, counts)
         resident = store.resident(layer)
         plan = policy.plan(at, counts, resident, store.slots)
         check_plan(plan, counts, resident, store.slots, who=f"policy {policy.name!r}, layer {layer}")
+        if self.host_log is not None:
+            self.host_log.append((at, plan.cpu))
         rec = LayerStep(at.block, at.step, layer, at.kind, len(counts), N * k, len(plan.fetch), len(plan.stream),
                         len(plan.evict), (len(plan.fetch) + len(plan.stream)) * store.expert_bytes,
                         sum(c for e, c in counts.items() if e not in plan.cpu),
@@ -102,15 +126,7 @@ class MoEExecutor:
         order, starts = group_by_expert(ids, counts_list)
         xs = x[order // k]  # [N*k, H] inputs in expert order
         out = torch.empty_like(xs)
-
-        futures = []
-        if plan.cpu:  # one task per host expert: the pool spreads them over cpu_threads workers
-            cpu_experts = sorted(plan.cpu)
-            rows = torch.cat([torch.arange(*starts[e], device=x.device) for e in cpu_experts])
-            x_host = xs[rows].to("cpu")  # activations only: KBs, not weights
-            chunks = x_host.split([counts[e] for e in cpu_experts])
-            futures = [self.pool.submit(self._host_expert, layer, e, chunk)
-                       for e, chunk in zip(cpu_experts, chunks, strict=True)]
+        host = self._submit_host(layer, xs, sorted(plan.cpu), starts) if plan.cpu else None
 
         with self.spans.span(rec, "gpu_expert_s"):
             for e in sorted(set(counts) - plan.cpu - plan.stream):
@@ -122,16 +138,56 @@ class MoEExecutor:
                 out[s:t] = swiglu(xs[s:t], *w)
                 store.stream_done(buf)
 
-        if futures:
-            results = [f.result() for f in futures]  # re-raises a worker's exception here
-            rec.cpu_expert_s = max(r[2] for r in results) - min(r[1] for r in results)
-            out[rows] = torch.cat([r[0] for r in results]).to(x.device)
+        if host is not None:
+            rows, y_host, futures = host
+            spans = [f.result() for f in futures]  # re-raises a worker's exception here
+            rec.cpu_expert_s = max(b for _, b in spans) - min(a for a, _ in spans)
+            out[rows] = y_host.to(x.device, non_blocking=True)  # pinned source: an async copy
 
         result = combine(out, weights, order, x.dtype)
         self.counters.add_expert_tokens(layer, counts)
-        rec.moe_s = time.perf_counter() - t0
+        if self.cuda:
+            self.spans.end(rec, "moe_s", start)
+        else:
+            rec.moe_s = time.perf_counter() - t0
         self.counters.records.append(rec)
         return result
+
+    def read_counts(self, flat_ids: Tensor) -> list[int]:
+        """Tokens routed to each expert, on the host: counted on the device without a sync (scatter_add, not
+        bincount, which syncs on CUDA), then copied once into pinned memory and waited for."""
+        E = self.store.num_experts
+        counts = torch.zeros(E, dtype=torch.int64, device=flat_ids.device)
+        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+        if not self.cuda:
+            return counts.tolist()
+        staged = host_buffer((E,), torch.int64, True)
+        staged.copy_(counts, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        return staged.tolist()
+
+    def _submit_host(self, layer: int, xs: Tensor, experts: list[int], starts: dict[int, tuple[int, int]]):
+        """Send the host experts' rows to the workers; returns (device row index, pinned results, futures).
+        The rows leave through a pinned buffer filled by a non-blocking copy; each worker waits on its event."""
+        index = [i for e in experts for i in range(*starts[e])]
+        rows = host_buffer((len(index),), torch.int64, self.cuda)
+        rows.copy_(torch.tensor(index, dtype=torch.int64))
+        rows = rows.to(xs.device, non_blocking=True)
+        x_host = host_buffer((len(index), xs.shape[1]), xs.dtype, self.cuda)
+        x_host.copy_(xs[rows], non_blocking=True)  # activations only: KBs, not weights
+        ready = None
+        if self.cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        y_host = host_buffer(tuple(x_host.shape), xs.dtype, self.cuda)
+        futures, at = [], 0
+        for e in experts:
+            n = starts[e][1] - starts[e][0]
+            futures.append(self.pool.submit(self._host_expert, layer, e, x_host[at:at + n], y_host[at:at + n], ready))
+            at += n
+        return rows, y_host, futures
 
     def _prefetch(self, layer: int, at: StepInfo) -> int:
         """Let the policy start the next MoE layer's copies now (they overlap this layer's compute)."""
@@ -147,10 +203,12 @@ class MoEExecutor:
         self.store.apply(nxt, plan)
         return len(plan.fetch)
 
-    def _host_expert(self, layer: int, expert: int, x_host: Tensor) -> tuple[Tensor, float, float]:
+    def _host_expert(self, layer: int, expert: int, x: Tensor, y: Tensor, ready) -> tuple[float, float]:
+        if ready is not None:
+            ready.synchronize()  # this worker waits for the activations' copy; the main thread does not
         t0 = time.perf_counter()
-        y = swiglu(x_host, *self.store.host_weights(layer, expert))
-        return y, t0, time.perf_counter()
+        y.copy_(self.host_kernel(x, *self.store.host_weights(layer, expert)))
+        return t0, time.perf_counter()
 
     def finish(self) -> Counters:
         """Synchronise and resolve device timings; returns the counters."""

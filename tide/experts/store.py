@@ -1,21 +1,49 @@
 """The expert store: owns all routed-expert memory. Decides nothing.
 
-Host tier: per MoE layer one arena [E, P] (pinned when CUDA is present); row e is expert e's contiguous
-buffer, packed as gate|up ([2I, H], one matmul) then down ([H, I]). Device tier: per layer `slots`
-preallocated rows, plus a small staging ring shared by all layers for streamed experts. A fetch is one
-non-blocking copy on a dedicated copy stream that records an event; compute waits on that event.
-Eviction only forgets a slot: weights are read-only, nothing is copied back. With device "cpu" the same
-code runs with plain copies, so every test runs without a GPU.
+Host tier: per MoE layer one arena [E, P]; row e is expert e's contiguous buffer, packed as gate|up ([2I, H],
+one matmul) then down ([H, I]). With CUDA the arenas are pinned in place (cudaHostRegister on an ordinary
+allocation), because torch's pinned allocator rounds every block up to a power of two: a 1.5 GiB mini layer
+would take 2 GiB, flash's 200 GB of experts ~248 GiB. The host memory is checked before it is allocated.
+Device tier: per layer `slots` preallocated rows, plus a small staging ring shared by all layers for
+streamed experts. A fetch is one non-blocking copy on a dedicated copy stream that records an event; compute
+waits on that event. Eviction only forgets a slot: weights are read-only, nothing is copied back. With
+device "cpu" the same code runs with plain copies, so every test runs without a GPU.
 Shape legend: E num_experts, I moe_intermediate_size, H hidden_size, P = 3*I*H elements.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import Tensor
 
 from tide.config import ModelConfig
 from tide.policy import Plan
+
+
+class DeviceMemoryError(ValueError):
+    """The memory asked for is not there; the message says how much is needed and free."""
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory where `device` allocates: the GPU's (cudaMemGetInfo), else available host memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def pin_in_place(t: Tensor, owner: object) -> None:
+    """Page-lock `t`'s memory where it is (exact size), unpinned again when `owner` is collected."""
+    cudart = torch.cuda.cudart()
+    nbytes = t.numel() * t.element_size()
+    err = cudart.cudaHostRegister(t.data_ptr(), nbytes, 0)
+    if int(err) != 0:
+        raise DeviceMemoryError(f"cannot page-lock {nbytes / 1e9:.2f} GB of host memory for the expert master "
+                                f"(cudaHostRegister error {int(err)}): raise the memlock limit (ulimit -l)")
+    weakref.finalize(owner, cudart.cudaHostUnregister, t.data_ptr())
 
 
 class ExpertStore:
@@ -29,24 +57,58 @@ class ExpertStore:
         self.numel = cfg.expert_params
         self.expert_bytes = self.numel * torch.empty((), dtype=dtype).element_size()
         cuda = self.device.type == "cuda"
-        self.host = {layer: torch.empty(self.num_experts, self.numel, dtype=dtype, pin_memory=cuda)
-                     for layer in self.layers}
+        need, free = len(self.layers) * self.num_experts * self.expert_bytes, free_bytes(torch.device("cpu"))
+        if need > free:
+            raise DeviceMemoryError(f"the host master of the routed experts needs {need / 1e9:.2f} GB of host "
+                                    f"memory; {free / 1e9:.2f} GB is available")
+        self.host = {layer: torch.empty(self.num_experts, self.numel, dtype=dtype) for layer in self.layers}
+        if cuda:
+            for arena in self.host.values():
+                pin_in_place(arena, self)
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self.gpu: dict[int, Tensor] = {}
+        self.ring = torch.empty(0, self.numel, dtype=dtype, device=self.device)
         self.resize(slots, staging, device_tier)
 
     def resize(self, slots: int, staging: int = 2, device_tier: bool = True) -> None:
-        """(Re)allocate the device tier: `slots` rows per layer and the staging ring. Residency is cleared."""
+        """(Re)allocate the device tier: `slots` rows per layer and the staging ring. Residency is cleared.
+
+        Transactional: the new tier is allocated beside the old one and swapped in; if that does not fit, the
+        old tier is freed and the allocation tried once more; if that fails too, the store is left with an
+        empty, consistent device tier and DeviceMemoryError says what was asked for.
+        """
         if slots < 1:
             raise ValueError(f"slots per layer must be >= 1, got {slots}")
         if slots > self.num_experts:
             raise ValueError(f"slots per layer ({slots}) exceed num_experts ({self.num_experts})")
         self.sync()
+        rows, ring_rows = (slots, max(1, staging)) if device_tier else (0, 0)
+        try:
+            gpu, ring = self._allocate(rows, ring_rows)
+        except torch.OutOfMemoryError:
+            self.gpu, self.ring = self._allocate(0, 0)  # drop the old tier and try once more
+            self._forget(0)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            try:
+                gpu, ring = self._allocate(rows, ring_rows)
+            except torch.OutOfMemoryError:
+                self.gpu, self.ring = self._allocate(0, 0)
+                self._forget(0)
+                need = (rows * len(self.layers) + ring_rows) * self.expert_bytes
+                raise DeviceMemoryError(f"{slots} expert slots per layer need {need / 1e9:.2f} GB on {self.device}; "
+                                        f"{free_bytes(self.device) / 1e9:.2f} GB is free there") from None
+        self.gpu, self.ring = gpu, ring
+        self._forget(slots)
+        if self.copy_stream is not None:  # copies into the new tier start after its allocation on the compute stream
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def _allocate(self, rows: int, ring_rows: int) -> tuple[dict[int, Tensor], Tensor]:
+        gpu = {layer: torch.empty(rows, self.numel, dtype=self.dtype, device=self.device) for layer in self.layers}
+        return gpu, torch.empty(ring_rows, self.numel, dtype=self.dtype, device=self.device)
+
+    def _forget(self, slots: int) -> None:  # empty residency and copy bookkeeping for `slots` rows per layer
         self.slots = slots
-        self.gpu, self.ring = {}, None  # free the old tier before allocating the new one
-        rows = slots if device_tier else 0
-        self.gpu = {layer: torch.empty(rows, self.numel, dtype=self.dtype, device=self.device) for layer in self.layers}
-        self.ring = torch.empty(max(1, staging) if device_tier else 0, self.numel, dtype=self.dtype,
-                                device=self.device)
         self.slot_of: dict[int, dict[int, int]] = {layer: {} for layer in self.layers}
         self._free: dict[int, list[int]] = {layer: list(range(slots - 1, -1, -1)) for layer in self.layers}
         self._ready: dict[tuple, torch.cuda.Event] = {}  # (layer, slot) or ("ring", i) -> copy done

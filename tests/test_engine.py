@@ -1,0 +1,80 @@
+"""Engine wiring on the CPU: fit checks, a failed configure that leaves a usable engine, the accelerate peer's
+memory, random presets with a tokenizer."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import tide.baselines  # noqa: F401
+import tide.experts.store as st
+from tide.config import DecodeConfig
+from tide.engine import load
+
+CFG = DecodeConfig(gen_length=16, block_length=16, steps=8, threshold=0.5)
+
+
+def test_budget_that_does_not_fit_is_one_sentence_and_names_what_fits(tiny_dir, monkeypatch):
+    engine = load(tiny_dir, policy="lru", gpu_budget="2/layer")
+    per_layer = len(engine.store.layers) * engine.store.expert_bytes
+    room = 5 * per_layer + engine.staging * engine.store.expert_bytes - engine.store.device_bytes
+    monkeypatch.setattr(st, "free_bytes", lambda device: room)
+    monkeypatch.setattr("tide.engine.free_bytes", lambda device: room)
+    with pytest.raises(st.DeviceMemoryError, match="needs 8 expert slots per layer.*at most 5/layer fits"):
+        engine.configure("lru", "8/layer")
+    engine.configure("lru", "5/layer")  # what the message says fits, fits
+    assert engine.store.slots == 5 and engine.run(engine.encode("hi"), CFG)["tokens"]
+
+
+def test_failed_configure_leaves_an_engine_that_says_so_and_recovers(tiny_dir, monkeypatch):
+    engine = load(tiny_dir, policy="lru", gpu_budget="2/layer")
+    real = engine.store._allocate
+
+    def oom(rows, ring_rows):
+        if rows == 6:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(rows, ring_rows)
+
+    monkeypatch.setattr(engine.store, "_allocate", oom)
+    with pytest.raises(st.DeviceMemoryError):
+        engine.configure("lru", "6/layer")
+    with pytest.raises(ValueError, match="no policy configured"):
+        engine.run(engine.encode("hi"), CFG)
+    engine.configure("tide", "3/layer", refresh_interval=2)
+    assert engine.run(engine.encode("hi"), CFG)["tokens"]
+
+
+def test_accelerate_peer_frees_its_bank_on_close(tiny_dir):
+    from accelerate.hooks import ModelHook
+
+    engine = load(tiny_dir, policy="accelerate", gpu_budget="4/layer")
+    bank = weakref.ref(engine.executor.bank)
+    assert any(isinstance(getattr(m, "_hf_hook", None), ModelHook) for m in engine.executor.bank.modules())
+    engine.run(engine.encode("hi"), CFG)
+    engine.configure("lru", "4/layer")  # closes the peer, collects its cycles
+    gc.collect()
+    assert bank() is None
+
+
+def test_random_mini_checkpoints_have_a_tokenizer(tmp_path):
+    from tide.checkpoint import load_tokenizer, write_byte_tokenizer
+    from tide.config import preset
+
+    cfg = preset("mini")  # the official ids: pad = eos = 156892, mask 156895
+    write_byte_tokenizer(tmp_path, cfg)
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode("def f():", add_special_tokens=False)
+    assert ids == list(b"def f():") and tok.decode(ids) == "def f():"
+    assert tok.eos_token_id == 156892 == tok.pad_token_id and tok.convert_tokens_to_ids("<|mask|>") == 156895
+
+
+def test_truncated_presets_are_written_at_their_size(tmp_path, monkeypatch):
+    import tide.hub as hub
+
+    monkeypatch.setattr(hub, "cache_dir", lambda: tmp_path)
+    path = hub.resolve_model("preset:tiny", layers=2)
+    assert path == tmp_path / "tiny-2layers-random" and '"num_hidden_layers": 2' in (path / "config.json").read_text()
+    assert (path / "tokenizer.json").is_file()
+    with pytest.raises(ValueError, match="only a preset:NAME model can be truncated"):
+        hub.resolve_model(str(path), layers=2)
