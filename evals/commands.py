@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from tide.config import DTYPES, REGIMES, parse_refresh_interval
+from tide.config import DTYPES, REGIMES, default_cpu_threads, parse_refresh_interval
 from tide.hub import MODEL_HELP as HUB_MODEL_HELP
 
 MODEL_HELP = HUB_MODEL_HELP + " Default: the built-in model."
@@ -26,7 +26,8 @@ def shared_options(f):
         click.option("--device", default="cpu", show_default=True, help="Where the model and resident experts live."),
         click.option("--dtype", type=click.Choice(DTYPES), default=None,
                      help="Compute dtype (default: the checkpoint's)."),
-        click.option("--cpu-threads", default=1, show_default=True, help="Worker threads for host-computed experts."),
+        click.option("--cpu-threads", type=int, default=None, callback=lambda ctx, p, v: v or default_cpu_threads(),
+                     help="Worker threads for host-computed experts [default: half the usable cores, at least 1]."),
         click.option("--limit", type=int, default=None, help="Samples per task."),
         click.option("--data", type=click.Path(dir_okay=False), default=None,
                      help="Local MBPP-sanitized JSON/JSONL for tide_mbpp_sanitized (offline runs)."),

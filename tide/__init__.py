@@ -1,9 +1,19 @@
-"""TIDE: lossless expert offloading for MoE diffusion LLMs (LLaDA2.0) on one GPU plus the host CPU."""
+"""TIDE: lossless expert offloading for MoE diffusion LLMs (LLaDA2.0) on one GPU plus the host CPU.
 
-from tide.config import DecodeConfig, ModelConfig, preset
-from tide.engine import Engine, load
-from tide.experts.store import ExpertStore
-from tide.policy import POLICIES, Plan, Policy, StepInfo, register_policy
+The public names are imported on first use (PEP 562), so `tide.cli` can set the process's threading policy
+before torch loads.
+"""
 
-__all__ = ["DecodeConfig", "Engine", "ExpertStore", "ModelConfig", "POLICIES", "Plan", "Policy", "StepInfo",
-           "load", "preset", "register_policy"]
+from importlib import import_module
+
+_PUBLIC = {"DecodeConfig": "tide.config", "ModelConfig": "tide.config", "preset": "tide.config",
+           "Engine": "tide.engine", "load": "tide.engine", "ExpertStore": "tide.experts.store",
+           "POLICIES": "tide.policy", "Plan": "tide.policy", "Policy": "tide.policy", "StepInfo": "tide.policy",
+           "register_policy": "tide.policy"}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'tide' has no attribute {name!r}")
+    return getattr(import_module(_PUBLIC[name]), name)

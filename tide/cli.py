@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from tide.config import DTYPES, PRESETS, REGIMES, DecodeConfig, parse_refresh_interval, preset
+from tide.config import DTYPES, PRESETS, REGIMES, DecodeConfig, default_cpu_threads, parse_refresh_interval, preset
 from tide.hub import MODEL_HELP
+
+# Threads (README, "Threads"): OpenMP threads sleep at barriers instead of spinning, so the main thread's intra-op
+# teams neither starve the host-tier workers nor collapse when other processes share the cores. Set here, before
+# anything loads torch (tide.config and tide.hub do not); a value in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def cpu_threads_option(help_text: str):
+    return click.option("--cpu-threads", type=int, default=None, callback=lambda ctx, p, v: v or default_cpu_threads(),
+                        help=f"{help_text} [default: half the usable cores, at least 1]")
 
 
 def decode_options(f):
@@ -45,7 +56,7 @@ def runtime_options(f):
         click.option("--gpu-budget", default=None,
                      help="GPU memory for experts: bytes ('8GiB'), experts per layer ('64/layer') or a share ('50%'). "
                           "Default: all experts."),
-        click.option("--cpu-threads", default=1, show_default=True, help="Worker threads for host-computed experts."),
+        cpu_threads_option("Worker threads for host-computed experts."),
         click.option("--refresh-interval", default="auto", show_default=True,
                      help="tide: refresh the resident set every R denoising steps; 'auto' = chosen by the planner "
                           "from a profiling trace and the cost model."),
@@ -67,16 +78,16 @@ def runtime_options(f):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--threads", type=int, default=None,
-              help="torch intra-op threads (default: torch's choice). On a small machine, 1 thread plus "
-                   "--cpu-threads workers avoids oversubscribing the cores.")
+              help="torch intra-op threads of the main thread [default: the usable cores (os.sched_getaffinity)].")
 def main(threads: int | None) -> None:
     """TIDE: lossless expert offloading for MoE diffusion LLMs (LLaDA2.0) on one GPU plus the host CPU."""
-    if threads is not None:
-        if threads < 1:
-            raise click.UsageError(f"--threads must be >= 1, got {threads}")
-        import torch
+    if threads is not None and threads < 1:
+        raise click.UsageError(f"--threads must be >= 1, got {threads}")
+    import torch
 
-        torch.set_num_threads(threads)
+    from tide.config import usable_cores
+
+    torch.set_num_threads(threads or usable_cores())  # explicit: torch's implicit default behaves differently
 
 
 @main.command("make-checkpoint")
@@ -240,7 +251,7 @@ def _parse_ids(text: str) -> list[int]:
               help="Expert shape when no --model is given.")
 @click.option("--device", default="cpu", show_default=True, help="Device tier to measure (cpu or cuda).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Expert dtype (default: the model's).")
-@click.option("--cpu-threads", default=1, show_default=True, help="Recorded with the profile (executor workers).")
+@cpu_threads_option("Host-expert workers to calibrate with (as the executor runs them).")
 @click.option("--estimate", type=click.Choice(["h100-pcie5", "a100-pcie4"]), default=None,
               help="Write a labelled estimate from published rates instead of measuring.")
 @click.option("--repeats", default=20, show_default=True, help="Timed repetitions per point (median reported).")
@@ -275,7 +286,7 @@ def calibrate(model_dir, preset_name, device, dtype, cpu_threads, estimate, repe
 @click.option("--per-layer-interval", is_flag=True, help="Also solve one R per layer.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default=None)
-@click.option("--cpu-threads", default=1, show_default=True)
+@cpu_threads_option("Host-expert workers.")
 def plan(model_dir, gpu_budget, profile_path, trace_path, max_interval, per_layer_interval, device, dtype,
          cpu_threads) -> None:
     """Choose TIDE's refresh interval R: print the modelled cost of every candidate R and why."""
@@ -322,7 +333,7 @@ def plan(model_dir, gpu_budget, profile_path, trace_path, max_interval, per_laye
 @click.option("--threshold", default=0.95, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default=None)
-@click.option("--cpu-threads", default=1, show_default=True)
+@cpu_threads_option("Host-expert workers.")
 @click.option("--repeat", default=2, show_default=True, help="Interleaved repeats of every run.")
 @click.option("--profile", "profile_path", type=click.Path(), default=None,
               help="Hardware profile for tide's planner (default: a quick calibration on this machine).")

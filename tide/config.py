@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                  num_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, max_position_embeddings=4096,
                  pad_token_id=256, eos_token_id=257, mask_token_id=258, rope_theta=10000.0, dtype="float32"),
 }
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_cpu_threads() -> int:
+    """Host-tier expert workers by default: half the usable cores, at least one (README, "Threads")."""
+    return max(1, usable_cores() // 2)
 
 
 def parse_refresh_interval(value: str | int) -> int | str:

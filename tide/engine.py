@@ -19,7 +19,7 @@ from torch import Tensor
 
 from tide.budget import BudgetSizes, slots_per_layer
 from tide.checkpoint import CheckpointReader, fill_store, load_model, load_tokenizer, read_generation_config
-from tide.config import DTYPES, DecodeConfig, ModelConfig
+from tide.config import DTYPES, DecodeConfig, ModelConfig, default_cpu_threads
 from tide.decode import Generation, generate
 from tide.experts.executor import MoEExecutor, swiglu
 from tide.experts.store import DeviceMemoryError, ExpertStore, free_bytes
@@ -248,7 +248,7 @@ PROFILE_DECODE = DecodeConfig(gen_length=64, block_length=32, steps=32)
 
 
 def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = None, device: str = "cpu",
-         dtype: str | None = None, cpu_threads: int = 1, staging: int = 2,
+         dtype: str | None = None, cpu_threads: int | None = None, staging: int = 2,
          popularity: Mapping[int, Mapping[int, int]] | None = None, profile_prompts: list[list[int]] | None = None,
          **policy_options: Any) -> Engine:
     """Load a checkpoint directory and wire the named policy in (see Engine.configure; budgets: tide.budget)."""
@@ -256,6 +256,7 @@ def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = N
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
         torch.cuda.set_device(torch.device(device))  # events, streams and memory stats follow the engine's GPU
+    cpu_threads = default_cpu_threads() if cpu_threads is None else cpu_threads
     if cpu_threads < 1:
         raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
     reader = CheckpointReader(path)
