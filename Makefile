@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MODEL  ?=
 DEVICE ?= cpu
-THREADS ?= 1
+# Threads: empty = the CLI's defaults from the usable cores (README, "Threads"); THREADS=N sets --threads N.
+THREADS ?=
 # float32 on the CPU (the built-in model is stored in bf16 and the upcast is exact); bfloat16 on a GPU.
 DTYPE ?= $(if $(filter cuda%,$(DEVICE)),bfloat16,float32)
 
@@ -35,17 +36,17 @@ test: venv
 	$(BIN)/pytest -q
 
 bench: venv
-	$(BIN)/tide --threads $(THREADS) bench $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) --budgets $(BUDGETS) --regime $(REGIMES) --policies $(POLICIES) $(BENCH_ARGS)
+	$(BIN)/tide $(if $(THREADS),--threads $(THREADS)) bench $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) --budgets $(BUDGETS) --regime $(REGIMES) --policies $(POLICIES) $(BENCH_ARGS)
 
 bench-check: venv
 	rm -rf .cache/bench-check
 	$(BIN)/tide --threads 1 bench --model preset:tiny --budgets 25% --repeat 1 --gen-length 32 --projections "" --check --out .cache/bench-check
 
 eval: venv
-	$(BIN)/tide --threads $(THREADS) eval $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) --limit $(EVAL_LIMIT) --check-lossless $(EVAL_ARGS)
+	$(BIN)/tide $(if $(THREADS),--threads $(THREADS)) eval $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) --limit $(EVAL_LIMIT) --check-lossless $(EVAL_ARGS)
 
 reproduce: venv
-	$(BIN)/tide --threads $(THREADS) reproduce $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) $(REPRODUCE_ARGS)
+	$(BIN)/tide $(if $(THREADS),--threads $(THREADS)) reproduce $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) $(REPRODUCE_ARGS)
 
 # The CUDA checks on a bare GPU machine, with its own Python (no venv, no network): see bench/gpu_check.py.
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)

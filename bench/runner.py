@@ -7,6 +7,7 @@ env.json) and the card printed before measuring. The measuring itself is bench/s
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +19,7 @@ from tide.bench.check import check as run_checks
 from tide.bench.sweep import SweepSpec, projections, run_sweep, variants
 from tide.budget import slots_per_layer
 from tide.calibrate import load_or_calibrate
-from tide.config import DecodeConfig, ModelConfig
+from tide.config import DecodeConfig, ModelConfig, usable_cores
 from tide.engine import torch_dtype
 from tide.hub import new_run_dir, resolve_model
 
@@ -108,6 +109,12 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
     return summary
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def card_lines(spec: SweepSpec, cfg: ModelConfig, cost) -> list[str]:
     from tide.budget import BudgetSizes
 
@@ -122,7 +129,9 @@ def card_lines(spec: SweepSpec, cfg: ModelConfig, cost) -> list[str]:
             f"us/expert; CPU expert {cost.cpu_s(1) * 1e6:.1f} us at 1 token, {cost.cpu_s(32) * 1e6:.1f} us at 32",
             f"decode: gen_length {spec.decode.gen_length}, block {spec.decode.block_length}, steps "
             f"{spec.decode.steps}, threshold {spec.decode.threshold}; {len(spec.prompts)} prompts; regimes "
-            f"{spec.regimes}; device {spec.device}, {spec.cpu_threads} CPU expert worker(s)"]
+            f"{spec.regimes}; device {spec.device}",
+            f"threads: {torch_threads()} intra-op on the main thread, {spec.cpu_threads} host-expert worker(s), "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, {usable_cores()} usable cores"]
 
 
 def oracle_line(context: dict, cost) -> str:

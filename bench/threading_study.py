@@ -42,7 +42,7 @@ def busy_core() -> subprocess.Popen:
 @click.option("--out", default=None, help="Run directory (default: results/<date>-<host>-threads).")
 def main(model: str, repeat: int, out: str | None) -> None:
     from tide.calibrate import machine_stamp
-    from tide.config import default_cpu_threads, usable_cores
+    from tide.config import default_cpu_threads, default_threads, usable_cores
     from tide.hub import new_run_dir, resolve_model
 
     path = str(resolve_model(model))
@@ -61,7 +61,7 @@ def main(model: str, repeat: int, out: str | None) -> None:
                     assert all(t == tokens for _, t in runs), "tokens differ between thread settings"
                     tps = [r for r, _ in runs]
                     rows.append({"condition": condition, "omp_wait_policy": policy or "unset (libgomp default)",
-                                 "threads": threads or f"default ({cores})",
+                                 "threads": threads or f"default ({default_threads()})",
                                  "cpu_threads": cpu_threads or f"default ({default_cpu_threads()})",
                                  "tokens_per_s": statistics.median(tps), "min": min(tps), "max": max(tps)})
                     print(rows[-1], flush=True)

@@ -78,16 +78,17 @@ def runtime_options(f):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--threads", type=int, default=None,
-              help="torch intra-op threads of the main thread [default: the usable cores (os.sched_getaffinity)].")
+              help="torch intra-op threads of the main thread [default: the usable cores (os.sched_getaffinity) "
+                   "less the host-expert workers' default, at least 1].")
 def main(threads: int | None) -> None:
     """TIDE: lossless expert offloading for MoE diffusion LLMs (LLaDA2.0) on one GPU plus the host CPU."""
     if threads is not None and threads < 1:
         raise click.UsageError(f"--threads must be >= 1, got {threads}")
     import torch
 
-    from tide.config import usable_cores
+    from tide.config import default_threads
 
-    torch.set_num_threads(threads or usable_cores())  # explicit: torch's implicit default behaves differently
+    torch.set_num_threads(threads or default_threads())  # explicit: torch's implicit default behaves differently
 
 
 @main.command("make-checkpoint")

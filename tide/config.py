@@ -193,6 +193,11 @@ def default_cpu_threads() -> int:
     return max(1, usable_cores() // 2)
 
 
+def default_threads() -> int:
+    """The main thread's intra-op threads by default: the usable cores the workers leave, at least one."""
+    return max(1, usable_cores() - default_cpu_threads())
+
+
 def parse_refresh_interval(value: str | int) -> int | str:
     """TIDE's R as a user gives it: 'auto' (the planner chooses) or a positive integer."""
     if value == "auto":
