@@ -84,7 +84,7 @@ def main(model: str, repeat: int, out: str | None) -> None:
              "produced the same tokens.", ""]
     for condition, grp in df.groupby("condition", sort=False):
         lines += [f"## {condition}", "",
-                  "| OMP_WAIT_POLICY | --threads | --cpu-threads | tok/s | min-max | best/this |", "|---|" * 6]
+                  "| OMP_WAIT_POLICY | --threads | --cpu-threads | tok/s | min-max | best/this |", "|" + "---|" * 6]
         lines += [f"| {r.omp_wait_policy} | {r.threads} | {r.cpu_threads} | {r.tokens_per_s:.1f} | {r['min']:.1f}-"
                   f"{r['max']:.1f} | {r.best_over_this} |" for _, r in grp.iterrows()]
         lines.append("")
