@@ -3,9 +3,10 @@
 The oracle has perfect knowledge of future routing and perfect overlap. Every policy's modelled time for
 a layer-forward (CostModel.layer_step_s) is at least max(device compute, copies, CPU compute), where the
 device computes the set D of routed experts, the CPU the rest P, and at least |D| - C of D are copied in
-(only C slots can hold experts from before). Two relaxations of that, each a valid bound, and their max:
-  compute balance: min over fractional D of max(sum_D gpu_s, sum_P cpu_s)   (copies dropped)
-  copy balance:    min over D of max((|D| - C)+ * fetch_s, sum_P cpu_s)     (device compute dropped)
+(only C slots can hold experts from before). The host runs P on W workers, so its time is at least
+sum_P cpu_s / W. Two relaxations of that, each a valid bound, and their max:
+  compute balance: min over fractional D of max(sum_D gpu_s, sum_P cpu_s / W)   (copies dropped)
+  copy balance:    min over D of max((|D| - C)+ * fetch_s, sum_P cpu_s / W)     (device compute dropped)
 No policy given C slots can beat it on that trace; `fraction_of_bound` says how close one comes.
 """
 
@@ -39,7 +40,7 @@ def copy_balance_s(cpu: list[float], slots: int, fetch_s: float) -> float:
 
 def layer_forward_bound_s(counts: dict[int, int], slots: int, cost: CostModel) -> float:
     gpu = [cost.gpu_s(n) for n in counts.values()]
-    cpu = [cost.cpu_s(n) for n in counts.values()]
+    cpu = [cost.cpu_s(n) / max(1, cost.cpu_workers) for n in counts.values()]  # W workers share the host work
     return max(compute_balance_s(gpu, cpu), copy_balance_s(cpu, slots, cost.fetch_s()))
 
 

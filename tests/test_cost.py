@@ -1,4 +1,7 @@
+import statistics
+
 import pytest
+import torch
 
 from tide.calibrate import calibrate, estimate
 from tide.cost import CostModel, interpolate
@@ -49,3 +52,39 @@ def test_calibrate_measures_this_machine():
     cost = calibrate(64, 32, __import__("torch").float32, tokens=(1, 8, 64), repeats=3)
     assert cost.source == "measured" and cost.host["cpu"] and cost.expert_bytes == 3 * 64 * 32 * 4
     assert all(s > 0 for _, s in cost.cpu_curve) and cost.h2d_bytes_per_s > 0
+
+
+def test_modelled_host_time_matches_the_executor():
+    """Calibration as executed: for replayed layer-forwards the cost model's host-tier time (makespan of the
+    calibrated per-expert times over the workers) is within 25% of what the executor measured on this machine,
+    with the default workers and mini-like expert work (a 6 MB fp32 expert, a few tokens each)."""
+    import tide.baselines  # noqa: F401
+    from tide.calibrate import calibrate
+    from tide.config import default_cpu_threads, preset
+    from tide.experts.executor import MoEExecutor
+    from tide.experts.store import ExpertStore
+    from tide.policy import PolicyContext, StepInfo, make_policy
+
+    workers, H, I = default_cpu_threads(), 1024, 512
+    cfg = preset("tiny", hidden_size=H, moe_intermediate_size=I)
+    cost = calibrate(H, I, torch.float32, "cpu", cpu_threads=workers, tokens=(1, 2, 4, 8, 16), repeats=9)
+    store = ExpertStore(cfg, 1, "cpu", torch.float32)
+    for layer in store.layers:
+        store.host[layer].normal_(std=0.02)
+    ctx = PolicyContext(cfg.num_experts, tuple(cfg.moe_layers), 1, {layer: {0: 1} for layer in cfg.moe_layers})
+    ex = MoEExecutor(store, make_policy("cpu-fallback", ctx), cpu_threads=workers)
+    ex.warm_start()
+    g = torch.Generator().manual_seed(0)
+    measured, modelled = [], []
+    for i in range(30):
+        x = torch.randn(24, H, generator=g)
+        ids = torch.stack([torch.randperm(cfg.num_experts, generator=g)[:cfg.num_experts_per_tok] for _ in range(24)])
+        ex(1, x, ids, torch.rand(24, cfg.num_experts_per_tok, generator=g), StepInfo(0, i))
+        counts = torch.bincount(ids.reshape(-1), minlength=cfg.num_experts).tolist()
+        host = [counts[e] for e in range(cfg.num_experts) if counts[e] and e not in store.resident(1)]
+        if i >= 4:  # after warm-up
+            measured.append(ex.counters.records[-1].cpu_expert_s)
+            modelled.append(cost.host_s(host))
+    ex.close()
+    ratio = statistics.median(m / p for m, p in zip(measured, modelled, strict=True))
+    assert 0.75 <= ratio <= 1.25, (ratio, measured[:4], modelled[:4])

@@ -12,8 +12,8 @@ from tide.policy import PlanError, PolicyContext, StepInfo, make_policy
 CFG = preset("tiny")
 
 
-def setup(policy="cpu-fallback", slots=4, threads=1, popularity=None):
-    store = ExpertStore(CFG, slots, "cpu", torch.float64)
+def setup(policy="cpu-fallback", slots=4, threads=1, popularity=None, dtype=torch.float64):
+    store = ExpertStore(CFG, slots, "cpu", dtype)
     g = torch.Generator().manual_seed(0)
     for layer in store.layers:
         store.host[layer].copy_(torch.randn(store.host[layer].shape, generator=g, dtype=torch.float64) * 0.1)
@@ -112,3 +112,46 @@ def test_host_log_records_each_calls_host_experts():
     (at, cpu), = ex.host_log
     assert (at.block, at.step, at.layer) == (0, 2, 1)
     assert cpu == frozenset(ids.unique().tolist()) - store.resident(1)
+
+
+@pytest.mark.parametrize("policy,slots", [("reference", 16), ("lru", 5)])
+def test_grouped_device_tier_equals_per_expert_bits(policy, slots):
+    store, ex = setup(policy, slots=slots, dtype=torch.float32)
+    assert ex.grouped  # torch's CPU build has _grouped_mm for float32 and bfloat16 (not float64)
+    x, ids, w = routing(n=12)
+    x = x.float()
+    grouped = [ex(layer, x, ids, w, StepInfo(0, 0)) for layer in (1, 2)]
+    ex.grouped = False
+    per_expert = [ex(layer, x, ids, w, StepInfo(0, 1)) for layer in (1, 2)]
+    for a, b in zip(grouped, per_expert, strict=True):
+        assert torch.equal(a, b)
+
+
+def count_ops(ex, x, ids, w) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        ex(1, x, ids, w, StepInfo(0, 0))
+    return len(seen)
+
+
+def test_ops_per_layer_forward_do_not_grow_with_device_experts():
+    """The device tier is not launch-bound: a layer-forward costs the same ops for 4 or 16 resident experts."""
+    store, ex = setup("reference", slots=16, dtype=torch.float32)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(16, CFG.hidden_size, generator=g)
+    w = torch.rand(16, CFG.num_experts_per_tok, generator=g)
+    few = torch.arange(4).repeat(16, 1)  # every token routed to experts 0..3
+    many = torch.arange(16).view(4, 4).repeat(4, 1)  # every expert: tokens 4i..4i+3 to experts 4(i%4)..
+    assert len(many.unique()) == 16
+    n_few, n_many = count_ops(ex, x, few, w), count_ops(ex, x, many, w)
+    assert n_few == n_many <= 40, (n_few, n_many)
+    ex.grouped = False
+    assert count_ops(ex, x, many, w) > n_many + 40  # per-expert calls: ~5 ops for each of 16 experts

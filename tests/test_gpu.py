@@ -114,3 +114,15 @@ def test_at_most_one_sync_per_moe_layer_forward(model_dir):
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= layers, [str(w.message) for w in syncs]
+
+
+def test_grouped_gemm_gives_per_expert_bits_on_the_device(model_dir):
+    """Lossless level a rests on it: a grouped GEMM over all slots, over a subset, and per expert agree bit for
+    bit (otherwise the executor must stay per-expert: set `executor.grouped = False` and say so)."""
+    engine = load(model_dir, policy="reference", device="cuda", dtype="bfloat16")
+    assert engine.executor.grouped
+    grouped = tokens(engine)
+    engine.executor.grouped = False
+    assert tokens(engine) == grouped
+    subset = load(model_dir, policy="lru", gpu_budget="3/layer", device="cuda", dtype="bfloat16")
+    assert subset.executor.grouped and tokens(subset) == grouped

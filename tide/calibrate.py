@@ -1,8 +1,11 @@
 """Calibration: measure a CostModel on this machine, or build a labelled estimate from published rates.
 
 Owns the microbenchmarks (pinned H2D copy of one expert, one expert's SwiGLU on the host and on the
-device tier for n tokens) and the machine stamp every result carries. Timings are medians after warm-up;
-device regions are bracketed by CUDA events, host regions by perf_counter.
+device tier for n tokens) and the machine stamp every result carries. Timings are medians after warm-up
+(on a GPU ~200 ms of it, so clocks leave idle); device regions are bracketed by CUDA events, host regions by
+perf_counter. Host experts are timed as the executor runs them: `cpu_threads` single-threaded workers, each
+taking whole experts from a queue of distinct ones, so the curve is a worker's time per expert under the
+contention of the others, and the cost model takes the host tier's makespan over the workers.
 """
 
 from __future__ import annotations
@@ -41,8 +44,13 @@ def machine_stamp(device: str = "cpu", cpu_threads: int | None = None) -> dict:
 
 
 def median_s(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
+    cuda = device.type == "cuda"
+    until = time.perf_counter() + (0.2 if cuda else 0.0)
+    while warmup > 0 or time.perf_counter() < until:
         fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        warmup -= 1
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -84,10 +92,53 @@ def calibrate(hidden_size: int, moe_intermediate_size: int, dtype: torch.dtype, 
             points.append((n, median_s(lambda x=x: swiglu(x, gate_up, down), weights_device, repeats)))
         return tuple(points)
 
-    cpu_curve = curve(torch.device("cpu"))
-    gpu_curve = curve(dev) if cuda else cpu_curve
-    return CostModel(nbytes, h2d, fixed_s, cpu_curve, gpu_curve, "measured", machine_stamp(device, cpu_threads),
-                     {"hidden_size": H, "moe_intermediate_size": I, "dtype": str(dtype).removeprefix("torch.")})
+    gpu_curve = curve(dev) if cuda else None
+    cpu_curve = host_curve(H, I, dtype, cpu_threads, tokens, repeats)
+    return CostModel(nbytes, h2d, fixed_s, cpu_curve, gpu_curve or cpu_curve, "measured",
+                     machine_stamp(device, cpu_threads),
+                     {"hidden_size": H, "moe_intermediate_size": I, "dtype": str(dtype).removeprefix("torch.")},
+                     cpu_workers=cpu_threads)
+
+
+def host_curve(H: int, I: int, dtype: torch.dtype, workers: int, tokens: tuple[int, ...], repeats: int,
+               kernel: Callable = swiglu, experts: int = 32) -> tuple[tuple[int, float], ...]:
+    """Seconds per host expert as the executor runs them: a MoEExecutor over `experts` distinct experts (more than
+    fit the private caches), all on the host (its pool of `workers` single-threaded workers, its hand-off and
+    staging), n tokens each; the measured host-tier span of a layer-forward times workers / experts."""
+    from tide.config import preset
+    from tide.experts.executor import MoEExecutor
+    from tide.experts.store import ExpertStore
+    from tide.policy import Plan, StepInfo
+
+    class AllOnHost:  # a calibration probe, not a placement policy
+        name = "calibration"
+
+        def warm_start(self, layer: int) -> frozenset[int]:
+            return frozenset()
+
+        def plan(self, at, counts, resident, slots) -> Plan:
+            return Plan(cpu=frozenset(counts))
+
+    cfg = preset("tiny", hidden_size=H, moe_intermediate_size=I, num_experts=experts, num_experts_per_tok=1,
+                 n_group=1, topk_group=1, num_hidden_layers=2)
+    store = ExpertStore(cfg, 1, "cpu", dtype, device_tier=False)
+    for arena in store.host.values():
+        arena.normal_(std=0.02)
+    executor = MoEExecutor(store, AllOnHost(), workers, kernel)
+    layer, points = store.layers[0], []
+    for n in tokens:
+        ids = torch.arange(experts).repeat_interleave(n)[:, None]
+        x, w = torch.randn(len(ids), H).to(dtype), torch.ones(len(ids), 1)
+
+        def span(x=x, ids=ids, w=w) -> float:
+            executor(layer, x, ids, w, StepInfo(0, 0))
+            return executor.counters.records.pop().cpu_expert_s
+
+        for _ in range(3):
+            span()
+        points.append((n, statistics.median(span() for _ in range(repeats)) * workers / experts))
+    executor.close()
+    return tuple(points)
 
 
 # Published rates for reference machines (vendor datasheets and the numbers in shared/design/tide.md).

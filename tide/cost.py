@@ -35,6 +35,7 @@ class CostModel:
     source: str = "measured"  # "measured" on `host`, or "estimate" (from published bandwidths; say which)
     host: dict = field(default_factory=dict)  # machine stamp: GPU, CPU, threads, torch
     shape: dict = field(default_factory=dict)  # hidden_size, moe_intermediate_size, dtype it was measured for
+    cpu_workers: int = 1  # host-expert workers the cpu curve was measured with (and the executor runs)
 
     def __post_init__(self) -> None:
         for name in ("cpu_curve", "gpu_curve"):
@@ -60,7 +61,7 @@ class CostModel:
         next layer follow on the same stream;
         gpu_hit = sum gpu_s(n) over experts resident before the plan (runs while the copies land);
         gpu_new = sum gpu_s(n) over fetched/streamed routed experts (each after its own copy);
-        cpu = sum cpu_s(n) over plan.cpu, on the worker pool, in parallel with the device.
+        cpu = makespan of cpu_s(n) over plan.cpu on `cpu_workers` workers (host_s), in parallel with the device.
         time = max(max(own, gpu_hit) + gpu_new, own + prefetched * fetch_s, cpu)
         (the max of parallel parts, the sum of serial ones)
         """
@@ -68,8 +69,16 @@ class CostModel:
         own = len(moved) * self.fetch_s()
         gpu_hit = sum(self.gpu_s(n) for e, n in counts.items() if e not in plan.cpu and e not in moved)
         gpu_new = sum(self.gpu_s(counts[e]) for e in moved if e in counts)
-        cpu = sum(self.cpu_s(counts[e]) for e in plan.cpu)
+        cpu = self.host_s([counts[e] for e in plan.cpu])
         return max(max(own, gpu_hit) + gpu_new, own + prefetched * self.fetch_s(), cpu)
+
+    def host_s(self, tokens: list[int]) -> float:
+        """Makespan of these host experts on `cpu_workers` workers, each taking the next expert when free
+        (longest first: the executor submits in expert order, within one expert of this)."""
+        loads = [0.0] * max(1, self.cpu_workers)
+        for t in sorted((self.cpu_s(n) for n in tokens), reverse=True):
+            loads[loads.index(min(loads))] += t
+        return max(loads)
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -94,4 +103,4 @@ class CostModel:
         scale = expert_bytes / self.expert_bytes
         scaled = tuple((n, s * scale) for n, s in self.cpu_curve), tuple((n, s * scale) for n, s in self.gpu_curve)
         return CostModel(expert_bytes, self.h2d_bytes_per_s, self.h2d_fixed_s, *scaled, self.source + " (rescaled)",
-                         self.host, {**self.shape, "rescaled_from_bytes": self.expert_bytes})
+                         self.host, {**self.shape, "rescaled_from_bytes": self.expert_bytes}, self.cpu_workers)

@@ -3,12 +3,15 @@
 Per call: count tokens per expert (the layer's one device-to-host sync: the counts, copied once into pinned
 memory) -> policy.plan -> check_plan -> store.apply -> host experts to the CPU worker pool (their activations
 leave through a pinned buffer and an event the workers wait on; results return the same way, non-blocking)
--> device experts (resident, then streamed) -> join -> combine. Counters are updated here and only here.
-Decides nothing about placement.
+-> device experts: the resident ones in two grouped GEMMs over the slot-stacked weights (a fixed number of ops
+per layer-forward, where torch has `_grouped_mm` for the device and dtype; else one `swiglu` each), then the
+streamed ones -> join -> combine. Counters are updated here and only here. Decides nothing about placement.
 
-Losslessness: every expert is computed by the same `swiglu` on the same rows whatever its tier, and the
-combine is sort-and-scatter in expert-id order followed by a fixed-order sum over k, never index_add_
-(whose CUDA atomics make the sum order, and so the rounding, vary run to run).
+Losslessness: every expert is computed by the same math on the same rows whatever its tier (the grouped GEMM
+computes each group as its own matmul: the reference, which uses it too, and every device-only policy get
+the same bits; tests/test_executor.py and tests/test_gpu.py check it), and the combine is sort-and-scatter
+in expert-id order followed by a fixed-order sum over k, never index_add_ (whose CUDA atomics make the sum
+order, and so the rounding, vary run to run).
 """
 
 from __future__ import annotations
@@ -59,6 +62,22 @@ def swiglu(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
     return F.linear(F.silu(gate) * up, down)
 
 
+def grouped_mm_works(store: ExpertStore) -> bool:
+    """Whether torch's grouped GEMM runs on this device, dtype and slot-stacked layout (one small probe)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    I, H = store.inter, store.hidden
+    probe = torch.zeros(2, 3 * I * H, dtype=store.dtype, device=store.device)
+    gate_up = probe[:, : 2 * I * H].view(2, 2 * I, H)
+    try:
+        x = torch.zeros(3, H, dtype=store.dtype, device=store.device)
+        torch._grouped_mm(x, gate_up.transpose(1, 2), offs=torch.tensor([1, 3], dtype=torch.int32,
+                                                                          device=store.device))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, cuda: bool) -> Tensor:
     """A staging tensor on the host: pinned with CUDA (torch's caching host allocator keeps a block until the
     copies that read or wrote it are done), plain memory otherwise."""
@@ -83,6 +102,7 @@ class MoEExecutor:
         self.trace: RoutingTrace | None = None  # set to record every layer-forward's routing
         self.host_log: list[tuple[StepInfo, frozenset[int]]] | None = None  # set to record each call's host experts
         self.cuda = store.device.type == "cuda"
+        self.grouped = grouped_mm_works(store)  # resident experts in grouped GEMMs where torch has them
 
     @property
     def timing(self) -> bool:
@@ -129,9 +149,13 @@ class MoEExecutor:
         host = self._submit_host(layer, xs, sorted(plan.cpu), starts) if plan.cpu else None
 
         with self.spans.span(rec, "gpu_expert_s"):
-            for e in sorted(set(counts) - plan.cpu - plan.stream):
-                s, t = starts[e]
-                out[s:t] = swiglu(xs[s:t], *store.gpu_weights(layer, e))
+            resident = sorted(set(counts) - plan.cpu - plan.stream)
+            if self.grouped and resident:
+                self._grouped(layer, xs, out, resident, starts)
+            elif not self.grouped:
+                for e in resident:
+                    s, t = starts[e]
+                    out[s:t] = swiglu(xs[s:t], *store.gpu_weights(layer, e))
             for e in sorted(plan.stream):
                 s, t = starts[e]
                 w, buf = store.stream_in(layer, e)
@@ -152,6 +176,30 @@ class MoEExecutor:
             rec.moe_s = time.perf_counter() - t0
         self.counters.records.append(rec)
         return result
+
+    def _grouped(self, layer: int, xs: Tensor, out: Tensor, experts: list[int], starts: dict[int, tuple[int, int]]):
+        """Every resident expert of this layer-forward in two grouped GEMMs over the slot-stacked weights: a fixed
+        number of ops however many experts (per-expert calls cost ~5 launches each). Rows are gathered in slot
+        order; `offs` ends each slot's group (empty groups for idle slots)."""
+        store = self.store
+        slot_of = store.slot_of[layer]
+        store.wait_slots(layer, experts)
+        sizes = [0] * store.slots
+        by_slot = sorted(experts, key=slot_of.__getitem__)
+        for e in by_slot:
+            sizes[slot_of[e]] = starts[e][1] - starts[e][0]
+        index = [i for e in by_slot for i in range(*starts[e])]
+        rows = self._to_device(torch.tensor(index, dtype=torch.int64), xs.device)
+        offs = self._to_device(torch.tensor(sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32), xs.device)
+        gate_up, down = store.stacked[layer]  # [slots, 2I, H], [slots, H, I]
+        gate, up = torch._grouped_mm(xs[rows], gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        out[rows] = torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offs)
+
+    def _to_device(self, t: Tensor, device: torch.device) -> Tensor:
+        """A small host tensor on the device without a sync: through pinned memory, non-blocking."""
+        if not self.cuda:
+            return t
+        return t.pin_memory().to(device, non_blocking=True)
 
     def read_counts(self, flat_ids: Tensor) -> list[int]:
         """Tokens routed to each expert, on the host: counted on the device without a sync (scatter_add, not

@@ -109,6 +109,9 @@ class ExpertStore:
 
     def _forget(self, slots: int) -> None:  # empty residency and copy bookkeeping for `slots` rows per layer
         self.slots = slots
+        I, H = self.inter, self.hidden  # per layer [slots, 2I, H] and [slots, H, I] views, for grouped GEMMs
+        self.stacked = {layer: (g[:, : 2 * I * H].view(-1, 2 * I, H), g[:, 2 * I * H:].view(-1, H, I))
+                        for layer, g in self.gpu.items()}
         self.slot_of: dict[int, dict[int, int]] = {layer: {} for layer in self.layers}
         self._free: dict[int, list[int]] = {layer: list(range(slots - 1, -1, -1)) for layer in self.layers}
         self._ready: dict[tuple, torch.cuda.Event] = {}  # (layer, slot) or ("ring", i) -> copy done
@@ -164,6 +167,13 @@ class ExpertStore:
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
         return self.views(self.gpu[layer][slot])
+
+    def wait_slots(self, layer: int, experts: list[int]) -> None:
+        """The current stream waits for every copy still in flight into these experts' slots (no host sync)."""
+        for e in experts:
+            event = self._ready.pop((layer, self.slot_of[layer][e]), None)
+            if event is not None:
+                torch.cuda.current_stream(self.device).wait_event(event)
 
     def stream_in(self, layer: int, expert: int) -> tuple[tuple[Tensor, Tensor], int]:
         """Copy an expert into the next staging buffer; returns its weights and the buffer index.
