@@ -21,7 +21,7 @@ EVAL_ARGS ?=
 # same pipeline on the built-in model and task. REPRODUCE_ARGS e.g. "--data sanitized-mbpp.json --limit 50".
 REPRODUCE_ARGS ?=
 
-.PHONY: venv test bench bench-check microbench eval reproduce gpu-check lint loc clean
+.PHONY: venv test bench bench-check microbench eval reproduce gpu-check soak lint loc clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ reproduce: venv
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 gpu-check:
 	PYTHONPATH=. $(GPU_PYTHON) -m tide.bench.gpu_check
+
+# Many requests through one engine across policies and budgets: flat memory, threads and files, identical tokens.
+SOAK_ARGS ?=
+soak: venv
+	$(BIN)/python -m tide.bench.soak $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) $(SOAK_ARGS)
 
 microbench: venv
 	$(BIN)/pytest -q bench/micro --benchmark-only

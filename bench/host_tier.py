@@ -56,7 +56,7 @@ def read_bandwidth(workers: int, mib: int = 256, repeats: int = 5) -> float:
 def main(workers: int | None, tokens: str, misses: str, repeat: int, out: str | None) -> None:
     from tide.calibrate import host_curve, machine_stamp
     from tide.config import default_cpu_threads
-    from tide.hub import new_run_dir
+    from tide.hub import atomic_write, new_run_dir
 
     workers = workers or default_cpu_threads()
     token_list = tuple(int(t) for t in tokens.split(","))
@@ -76,11 +76,11 @@ def main(workers: int | None, tokens: str, misses: str, repeat: int, out: str | 
                                  "share_of_read_bw": rate / bandwidth})
                     print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
-    df.to_csv(run_dir / "host_tier.csv", index=False)
+    atomic_write(run_dir / "host_tier.csv", lambda tmp: df.to_csv(tmp, index=False))
     stamp = machine_stamp("cpu", workers)
     env = {"command": "python -m tide.bench.host_tier " + " ".join(sys.argv[1:]), "machine": stamp,
            "workers": workers, "read_bandwidth_GBps": bandwidth / 1e9}
-    (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+    atomic_write(run_dir / "env.json", json.dumps(env, indent=2))
     table = df.pivot_table(index=["shape", "dtype", "miss_set"], columns="tokens", values="share_of_read_bw")
     lines = ["# Host tier: weight bytes per second against the read bandwidth", "", f"Command: `{env['command']}`  ",
              f"Commit: {stamp['commit']}  ", f"Machine: CPU {stamp['cpu']}, torch {stamp['torch']}, {workers} "
@@ -93,7 +93,7 @@ def main(workers: int | None, tokens: str, misses: str, repeat: int, out: str | 
              "|" + "---|" * (3 + len(table.columns))]
     for (shape, dtype, miss), values in table.iterrows():
         lines.append(f"| {shape} | {dtype} | {miss} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
-    (run_dir / "host_tier.md").write_text("\n".join(lines) + "\n")
+    atomic_write(run_dir / "host_tier.md", "\n".join(lines) + "\n")
     print((run_dir / "host_tier.md").read_text())
     print(json.dumps({"out": str(run_dir)}))
 

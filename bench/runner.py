@@ -17,11 +17,13 @@ from tide.bench import report
 from tide.bench.bounds import oracle_bound_s
 from tide.bench.check import check as run_checks
 from tide.bench.sweep import SweepSpec, projections, run_sweep, variants
-from tide.budget import slots_per_layer
-from tide.calibrate import load_or_calibrate
-from tide.config import DecodeConfig, ModelConfig, usable_cores
+from tide.budget import BudgetSizes, slots_per_layer
+from tide.calibrate import REFERENCE_MACHINES, load_or_calibrate
+from tide.config import REGIMES, DecodeConfig, ModelConfig, parse_refresh_interval, usable_cores
+from tide.cost import CostModel
 from tide.engine import torch_dtype
-from tide.hub import new_run_dir, resolve_model
+from tide.hub import atomic_write, new_run_dir, resolve_model
+from tide.policy import load_registered
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts.jsonl"
 
@@ -49,27 +51,47 @@ def read_prompts(path: str | None) -> list[str]:
     return prompts
 
 
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps, threshold,
               device, dtype, cpu_threads, repeat, profile_path, refresh_interval, machines, out, check,
               command: str, chat: bool = False, layers: int | None = None) -> dict:
+    import tide.baselines  # noqa: F401  (registers the baseline policies)
+    import tide.refresh  # noqa: F401
+
     notes: list[str] = []
     model = resolve_model(model_dir, notes, layers=layers)
     for note in notes:
         print(f"note: {note}")
     cfg = ModelConfig.from_json(model / "config.json")
-    policy_list = [p.strip() for p in policies.split(",") if p.strip()]
-    variants(policy_list)  # validate names early
-    budget_list = [b.strip() for b in budgets.split(",") if b.strip()]
-    regime_list = [r.strip() for r in regimes.split(",") if r.strip()]
+    # every option is checked before anything is measured or any run directory exists
+    policy_list, budget_list, regime_list = (_csv(x) for x in (policies, budgets, regimes))
+    for base, _, _ in variants(policy_list):
+        if base not in load_registered():
+            raise ValueError(f"--policies: unknown policy {base!r}; registered: {sorted(load_registered())}")
+    sizes = BudgetSizes(cfg.num_experts, len(cfg.moe_layers), 3 * cfg.moe_intermediate_size * cfg.hidden_size, 0, 0)
+    for budget in budget_list:
+        slots_per_layer(budget, sizes)  # a ValueError naming the budget
+    bad = [r for r in regime_list if r not in REGIMES]
+    if bad or not regime_list:
+        raise ValueError(f"--regime {regimes!r}: choose from {', '.join(REGIMES)}")
+    unknown = [m for m in _csv(machines) if m not in REFERENCE_MACHINES]
+    if unknown:
+        raise ValueError(f"--projections {unknown}: known reference machines are {sorted(REFERENCE_MACHINES)}")
     decode = DecodeConfig(gen_length=gen_length, block_length=block_length, steps=steps, threshold=threshold)
+    tide_options = {} if refresh_interval == "auto" else {"refresh_interval": parse_refresh_interval(refresh_interval)}
+    prompts = read_prompts(prompts_path)
+    if profile_path:
+        CostModel.from_json(profile_path)
+    run_dir = new_run_dir(out, model.name)
     if not profile_path:
         print("note: no --profile given; calibrating this machine (a few seconds)")
     cost = load_or_calibrate(profile_path, cfg.hidden_size, cfg.moe_intermediate_size, torch_dtype(dtype, cfg),
                              device, cpu_threads)
-    tide_options = {} if refresh_interval == "auto" else {"refresh_interval": int(refresh_interval)}
-    run_dir = new_run_dir(out, model.name)
-    spec = SweepSpec(str(model), policy_list, budget_list, [r for r in regime_list], read_prompts(prompts_path),
-                     decode, device, dtype, cpu_threads, repeat, cost, run_dir, tide_options, chat)
+    spec = SweepSpec(str(model), policy_list, budget_list, regime_list, prompts, decode, device, dtype, cpu_threads,
+                     repeat, cost, run_dir, tide_options, chat)
     card = card_lines(spec, cfg, cost)
     for line in card:
         print(f"card: {line}")
@@ -81,22 +103,22 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
     finally:
         bar.close()
     bench_df = pd.read_csv(run_dir / "bench.csv")
-    machine_list = [m.strip() for m in machines.split(",") if m.strip()]
+    machine_list = _csv(machines)
     proj = pd.DataFrame(projections(rows, context, machine_list)) if machine_list else None
     if proj is not None and len(proj):
-        proj.to_csv(run_dir / "projections.csv", index=False)
+        atomic_write(run_dir / "projections.csv", lambda tmp: proj.to_csv(tmp, index=False))
     card.append(oracle_line(context, cost))
     if context["truth_note"]:
         card.append(f"ground truth: {context['truth_note']}")
     if "accelerate" in policy_list:
         card.append("accelerate is measured as accelerate runs it: its hooks copy each offloaded expert per call and "
                     "empty the CUDA cache on every load (allocator churn counts against it)")
-    (run_dir / "bench.md").write_text(report.markdown(bench_df, proj, card, command))
-    report.plot(bench_df, run_dir / "bench.png")
+    atomic_write(run_dir / "bench.md", report.markdown(bench_df, proj, card, command))
+    atomic_write(run_dir / "bench.png", lambda tmp: report.plot(bench_df, tmp))
     env = {"command": command, "model": str(model), "spec": {k: str(v) for k, v in vars(spec).items() if k != "cost"},
            "machine": {k.removeprefix("hw_"): v for k, v in rows[0].items() if k.startswith("hw_")},
            "cost_model": {"source": cost.source, "fetch_s": cost.fetch_s(), "h2d_GBps": cost.h2d_bytes_per_s / 1e9}}
-    (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+    atomic_write(run_dir / "env.json", json.dumps(env, indent=2))
     print((run_dir / "bench.md").read_text())
     summary = {"out": str(run_dir), "rows": len(rows), "kind": "measured",
                "tokens_per_s": {f"{r['variant']}|{r['budget']}|{r['regime']}": round(r["tokens_per_s"], 3)

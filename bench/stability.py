@@ -221,6 +221,8 @@ def markdown(df: pd.DataFrame, env: dict) -> str:
 def plot(df: pd.DataFrame, regimes: list[str], sizes: list[int], out: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global backend state; PNGs render through Agg
 
+    from tide.hub import atomic_write
+
     for metric, cs, xlabel in [("cosine", [""], "k (steps apart)"), ("hit_ratio", sizes, "R (steps the set is kept)")]:
         fig = Figure(figsize=(6, 4))
         ax, w = fig.subplots(), wide(df, metric, regimes, cs, "x")
@@ -232,7 +234,7 @@ def plot(df: pd.DataFrame, regimes: list[str], sizes: list[int], out: Path) -> N
         ax.set(xlabel=xlabel, ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')}, all layers")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.savefig(out / f"{metric}.png", dpi=120, bbox_inches="tight")
+        atomic_write(out / f"{metric}.png", lambda tmp, fig=fig: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
 
 
 # ---- command -----------------------------------------------------------------------------------------------
@@ -255,7 +257,7 @@ def stability(model: str | None, prompts_path: str | None, gen_length: int, bloc
     from tide.calibrate import machine_stamp
     from tide.config import REGIMES, DecodeConfig
     from tide.engine import load
-    from tide.hub import new_run_dir, resolve_model, results_root
+    from tide.hub import atomic_write, new_run_dir, resolve_model, results_root
 
     fractions, regimes, prompts_path = (0.25, 0.5), list(REGIMES), str(prompts_path or DEFAULT_PROMPTS)
     try:
@@ -287,11 +289,10 @@ def stability(model: str | None, prompts_path: str | None, gen_length: int, bloc
            "identical_tokens": all(a["tokens"] == b["tokens"] for a, b in pairs),
            "prefix_constant": [sum(t for t, _ in offsets), sum(s for _, s in offsets)],
            "machine": machine_stamp(device, engine.cpu_threads)}
-    df.to_csv(run_dir / "stability.csv.tmp", index=False)
-    (run_dir / "stability.csv.tmp").rename(run_dir / "stability.csv")  # atomic: never a half-written CSV
-    (run_dir / "stability.md").write_text(markdown(df, env))
+    atomic_write(run_dir / "stability.csv", lambda tmp: df.to_csv(tmp, index=False))  # never half-written
+    atomic_write(run_dir / "stability.md", markdown(df, env))
     plot(df, regimes, sizes, run_dir)
-    (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+    atomic_write(run_dir / "env.json", json.dumps(env, indent=2))
     click.echo((run_dir / "stability.md").read_text())
     keys = [("cosine_k1", "cosine", 1, ""), ("cosine_k5", "cosine", 5, ""),
             *[(f"hit_R{w}_C{c}", "hit_ratio", w, c) for w in (4, 8) for c in sizes]]

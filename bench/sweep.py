@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from tide.cost import CostModel
 from tide.engine import Engine, load
 from tide.evals.lossless import all_resident_fits, compare_logits, level, teacher_forced_logits, token_agreement
 from tide.experts.store import DeviceMemoryError
+from tide.hub import atomic_write
 from tide.planner import solve_interval
 from tide.policy import PolicyContext, make_policy
 from tide.trace import RoutingTrace, replay
@@ -77,9 +77,8 @@ def variants(policies: list[str]) -> list[tuple[str, str, dict]]:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    pd.DataFrame(rows, columns=COLUMNS + [c for c in rows[0] if c not in COLUMNS]).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    frame = pd.DataFrame(rows, columns=COLUMNS + [c for c in rows[0] if c not in COLUMNS])
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def run_sweep(spec: SweepSpec, on_row: Callable[[dict], None] | None = None) -> tuple[list[dict], dict]:

@@ -43,7 +43,7 @@ def busy_core() -> subprocess.Popen:
 def main(model: str, repeat: int, out: str | None) -> None:
     from tide.calibrate import machine_stamp
     from tide.config import default_cpu_threads, default_threads, usable_cores
-    from tide.hub import new_run_dir, resolve_model
+    from tide.hub import atomic_write, new_run_dir, resolve_model
 
     path = str(resolve_model(model))
     cores = usable_cores()
@@ -71,10 +71,10 @@ def main(model: str, repeat: int, out: str | None) -> None:
     df = pd.DataFrame(rows)
     best = df.groupby("condition").tokens_per_s.transform("max")
     df["best_over_this"] = (best / df.tokens_per_s).round(2)
-    df.to_csv(run_dir / "threads.csv", index=False)
+    atomic_write(run_dir / "threads.csv", lambda tmp: df.to_csv(tmp, index=False))
     env = {"command": "python -m tide.bench.threading_study " + " ".join(sys.argv[1:]), "model": path,
            "generate_args": ARGS, "machine": machine_stamp("cpu", None), "cores": cores}
-    (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+    atomic_write(run_dir / "env.json", json.dumps(env, indent=2))
     lines = [f"# Threads: tide generate under every thread setting ({path})", "",
              f"Command: `{env['command']}`  ", f"Commit: {env['machine']['commit']}  ",
              f"Machine: CPU {env['machine']['cpu']}, {cores} usable cores, torch {env['machine']['torch']}", "",
@@ -88,7 +88,7 @@ def main(model: str, repeat: int, out: str | None) -> None:
         lines += [f"| {r.omp_wait_policy} | {r.threads} | {r.cpu_threads} | {r.tokens_per_s:.1f} | {r['min']:.1f}-"
                   f"{r['max']:.1f} | {r.best_over_this} |" for _, r in grp.iterrows()]
         lines.append("")
-    (run_dir / "threads.md").write_text("\n".join(lines))
+    atomic_write(run_dir / "threads.md", "\n".join(lines))
     print((run_dir / "threads.md").read_text())
     print(json.dumps({"out": str(run_dir)}))
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import click
 
-from tide.config import DTYPES, REGIMES, default_cpu_threads, parse_refresh_interval
+from tide.config import DTYPES, REGIMES, parse_refresh_interval
 from tide.hub import MODEL_HELP as HUB_MODEL_HELP
+from tide.options import cpu_threads_option, device_option
 
 MODEL_HELP = HUB_MODEL_HELP + " Default: the built-in model."
 
@@ -23,11 +24,10 @@ def shared_options(f):
     """Options of both commands."""
     options = [
         click.option("--model", "model", default=None, help=MODEL_HELP),
-        click.option("--device", default="cpu", show_default=True, help="Where the model and resident experts live."),
+        device_option(),
         click.option("--dtype", type=click.Choice(DTYPES), default=None,
                      help="Compute dtype (default: the checkpoint's)."),
-        click.option("--cpu-threads", type=int, default=None, callback=lambda ctx, p, v: v or default_cpu_threads(),
-                     help="Worker threads for host-computed experts [default: half the usable cores, at least 1]."),
+        cpu_threads_option("Worker threads for host-computed experts."),
         click.option("--limit", type=int, default=None, help="Samples per task."),
         click.option("--data", type=click.Path(dir_okay=False), default=None,
                      help="Local MBPP-sanitized JSON/JSONL for tide_mbpp_sanitized (offline runs)."),
@@ -55,14 +55,6 @@ def decode_flags(kw: dict) -> dict:
     if "temperature" in decode:
         decode["do_sample"] = decode["temperature"] > 0
     return decode
-
-
-def _run(fn, *args) -> dict:
-    try:
-        return fn(*args)
-    except (ValueError, FileNotFoundError) as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
 
 
 @click.command("eval")
@@ -102,7 +94,7 @@ def eval_command(**kw) -> None:
     kw["tasks"] = kw["tasks"] or None
     spec = EvalSpec(decode=decode_flags(kw), command=shlex.join(["tide", *sys.argv[1:]]),
                     **{k: v for k, v in kw.items() if v is not None})
-    summary = _run(run_eval, spec)[0]
+    summary = run_eval(spec)[0]
     click.echo((Path(summary["out"]) / "eval.md").read_text())
     click.echo(json.dumps(summary))
     if check and summary["lossy"]:
@@ -123,12 +115,12 @@ def reproduce_command(**kw) -> None:
 
     builtin = kw["model"] is None
 
-    path = _run(resolve_model, kw.pop("model"))
-    cfg = _run(ModelConfig.from_json, path / "config.json")
+    path = resolve_model(kw.pop("model"))
+    cfg = ModelConfig.from_json(path / "config.json")
     lists = {k: _csv(kw.pop(k)) for k in ("tasks", "policies", "budgets", "regimes")}
     spec = reproduce_spec(str(path), cfg, _has_chat_template(path), builtin, decode_flags(kw), **lists, **kw)
     spec.command = shlex.join(["tide", *sys.argv[1:]])
-    summary = _run(run_reproduce, spec, paper_model(cfg))
+    summary = run_reproduce(spec, paper_model(cfg))
     click.echo(Path(summary["report"]).read_text())
     click.echo(json.dumps(summary))
 

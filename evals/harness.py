@@ -352,9 +352,9 @@ def _fmt(value: Any, spec: str) -> str:
 
 def write(table: list[dict], requests: list[dict], header: dict[str, Any], out: Path) -> None:
     """eval.csv, requests.csv, eval.md, env.json: each written to a temp name and renamed, never half-written."""
+    from tide.hub import atomic_write
+
     for name, text in (("eval.csv", pd.DataFrame(table).to_csv(index=False)),
                        ("requests.csv", pd.DataFrame(requests).to_csv(index=False)),
                        ("eval.md", markdown(table, header)), ("env.json", json.dumps(header, indent=2, default=str))):
-        tmp = out / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        atomic_write(out / name, text)

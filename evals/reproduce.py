@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from tide.evals.harness import EvalSpec, markdown_rows
-from tide.hub import new_run_dir
+from tide.hub import atomic_write, new_run_dir
 
 # (hidden_size, num_experts, moe_intermediate_size) -> name; budgets as the paper ran them.
 PAPER_SHAPES = {(2048, 256, 512): "mini", (4096, 256, 1024): "flash"}
@@ -118,5 +118,5 @@ def run_reproduce(spec: EvalSpec, paper: str | None) -> dict[str, Any]:
     run_dir = new_run_dir(spec.out, "reproduce")
     spec.out = str(run_dir)
     summary, rows, header = run_eval(spec)
-    (run_dir / "reproduce.md").write_text(report(rows, header, paper))
+    atomic_write(run_dir / "reproduce.md", report(rows, header, paper))
     return {**summary, "report": str(run_dir / "reproduce.md")}

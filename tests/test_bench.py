@@ -161,3 +161,16 @@ def test_gpu_check_without_cuda_says_so_and_runs_nothing():
     done = subprocess.run([sys.executable, "-m", "tide.bench.gpu_check"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().splitlines() == [
         "gpu-check: no CUDA device on this machine; nothing was run."]
+
+
+def test_soak_holds_on_a_short_run(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from tide.bench.soak import main as soak
+
+    res = CliRunner().invoke(soak, ["--model", str(tiny_dir), "--requests", "12", "--per-config", "2", "--policies",
+                                    "lru,tide", "--budgets", "4/layer", "--gen-length", "8", "--out",
+                                    str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    assert "Every check holds." in (tmp_path / "s" / "soak.md").read_text()
+    assert len((tmp_path / "s" / "soak.csv").read_text().splitlines()) == 13

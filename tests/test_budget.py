@@ -17,7 +17,18 @@ def test_forms():
     assert slots_per_layer("10GiB", SIZES) == expected == 72
 
 
+def test_byte_units_have_one_meaning():
+    from tide.budget import parse_bytes
+
+    assert parse_bytes("48mb") == parse_bytes("48MB") == parse_bytes("48M") == 48 * 10**6  # never megabits
+    assert parse_bytes("8GiB") == parse_bytes("8gib") == 8 * 2**30
+    assert parse_bytes("1TB") == 10**12 and parse_bytes("123456") == 123456 and parse_bytes("1B") == 1
+    assert parse_bytes("1.5GB") == 1_500_000_000
+    assert slots_per_layer("1TB", SIZES) == 256
+
+
 @pytest.mark.parametrize("budget, message", [
+    ("1B", "smallest valid budget is 2132120576 bytes"),
     ("1GB", "too small"),
     ("0/layer", "at least one expert"),
     ("x/layer", "whole number"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +22,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from tide.config import ModelConfig
-from tide.experts.store import ExpertStore
+from tide.experts.store import DeviceMemoryError, ExpertStore, free_bytes
 from tide.model import LLaDA2Model
 
 INDEX = "model.safetensors.index.json"
+LAYER = re.compile(r"model\.layers\.(\d+)\.")
 SINGLE = "model.safetensors"
 
 
@@ -37,10 +39,11 @@ def expert_name(layer: int, expert: int, proj: str) -> str:
 
 
 class CheckpointReader:
-    """Maps tensor names to shards and opens each shard lazily, once."""
+    """Maps tensor names to shards and opens each shard lazily, once. Every tensor read is checked: a floating
+    dtype, and (unless check_finite=False) no NaN or infinity, so broken weights fail at load, naming the tensor."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path, check_finite: bool = True) -> None:
+        self.path, self.check_finite = Path(path), check_finite
         self._handles: dict[str, object] = {}
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: not a directory (expected a Hugging Face checkpoint directory)")
@@ -59,6 +62,11 @@ class CheckpointReader:
         for shard in sorted(set(weight_map.values())):
             if not (self.path / shard).is_file():
                 raise FileNotFoundError(f"{self.path / shard}: shard listed in {INDEX} is missing")
+        layers = [int(m.group(1)) for n in weight_map if (m := LAYER.match(n))]
+        if layers and max(layers) >= self.config.num_hidden_layers:
+            raise CheckpointError(f"{self.path}: the checkpoint holds model.layers.{max(layers)} but config.json says "
+                                  f"num_hidden_layers = {self.config.num_hidden_layers}; those layers would be dropped "
+                                  "(fix config.json, or write a truncated checkpoint with tide make-checkpoint)")
 
     def _open(self, shard: str):
         if shard not in self._handles:
@@ -80,6 +88,12 @@ class CheckpointReader:
         if shape is not None and tuple(tensor.shape) != tuple(shape):
             raise CheckpointError(f"{self.path / shard}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                   f"expected {tuple(shape)}")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{self.path / shard}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}"
+                                  ", expected a floating-point dtype (quantised checkpoints are not supported)")
+        if self.check_finite and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{self.path / shard}: tensor {name!r} holds NaN or infinite values (weights must be "
+                                  "finite; --no-check-finite skips this check)")
         return tensor
 
 
@@ -88,6 +102,12 @@ def load_model(reader: CheckpointReader, device: torch.device | str, dtype: torc
     with torch.device("meta"):
         model = LLaDA2Model(reader.config)
     model.to(dtype)  # on meta: the weights are materialised in `dtype` directly, never as a transient fp32 copy
+    need, free = sum(p.numel() for p in model.parameters()) * dtype.itemsize, free_bytes(torch.device(device))
+    if need > free:
+        cfg = reader.config
+        raise DeviceMemoryError(f"{reader.path / 'config.json'}: the non-expert weights (vocab_size {cfg.vocab_size} "
+                                f"x hidden_size {cfg.hidden_size} embeddings, attention, dense and shared MLPs) need "
+                                f"{need / 1e9:.2f} GB on {device}; {free / 1e9:.2f} GB is free there")
     for moe in model.moe_layers():
         moe.gate.expert_bias.data = moe.gate.expert_bias.data.float()
     model.to_empty(device=device)
@@ -253,18 +273,29 @@ def read_generation_config(path: str | Path) -> dict:
     return raw
 
 
-def load_tokenizer(path: str | Path):
-    """The checkpoint's own tokenizer through transformers, or None when the directory has none."""
+def load_tokenizer(path: str | Path, vocab_size: int | None = None):
+    """The checkpoint's fast tokenizer (tokenizer.json), or None when the directory has no tokenizer files. Never
+    runs checkpoint code: only tokenizer.json is read (trust_remote_code=False, no auto_map class is imported),
+    and a tokenizer whose ids reach beyond `vocab_size` is refused."""
     path = Path(path)
-    if (path / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        if (path / "tokenizer_config.json").is_file():
+            raise CheckpointError(f"{path}: tokenizer_config.json but no tokenizer.json; TIDE reads fast tokenizers "
+                                  "(tokenizer.json) only and never runs checkpoint code. Save the tokenizer as "
+                                  "tokenizer.json with transformers elsewhere, or pass --prompt-ids")
+        return None
+    from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
-    if (path / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(path))
-    return None
+    try:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as err:  # tokenizers raises its own exception types for a corrupt file
+        raise CheckpointError(f"{file}: not a readable tokenizer ({type(err).__name__}: {err})") from None
+    top = max(tok.get_vocab().values(), default=-1) + 1
+    if vocab_size is not None and top > vocab_size:
+        raise CheckpointError(f"{file}: the tokenizer's ids reach {top - 1}, beyond the model's vocab_size "
+                              f"{vocab_size} (config.json): a tokenizer for another model?")
+    return tok
 
 
 def state_tensors(model: LLaDA2Model, store: ExpertStore) -> Iterator[tuple[str, Tensor]]:

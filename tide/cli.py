@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import click
 
-from tide.config import DTYPES, PRESETS, REGIMES, DecodeConfig, default_cpu_threads, parse_refresh_interval, preset
+from tide.config import DTYPES, PRESETS, DecodeConfig, parse_refresh_interval, preset
 from tide.hub import MODEL_HELP
+from tide.options import cpu_threads_option, decode_options, device_option, runtime_options
 
 # Threads (README, "Threads"): OpenMP threads sleep at barriers instead of spinning, so the main thread's intra-op
 # teams neither starve the host-tier workers nor collapse when other processes share the cores. Set here, before
@@ -18,65 +18,23 @@ from tide.hub import MODEL_HELP
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def cpu_threads_option(help_text: str):
-    return click.option("--cpu-threads", type=int, default=None, callback=lambda ctx, p, v: v or default_cpu_threads(),
-                        help=f"{help_text} [default: half the usable cores, at least 1]")
+class Tide(click.Group):
+    """The one error path for user errors: any command's bad input (a ValueError, or an OSError about a file)
+    becomes `error: <what, where, what to do>` and exit code 2, never a traceback. Bugs still raise."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (ValueError, OSError) as err:
+            if isinstance(err, OSError) and err.filename is not None:
+                message = f"{err.filename}: {err.strerror or err}"
+            else:
+                message = str(err).strip()
+            click.echo(f"error: {message}", err=True)
+            ctx.exit(2)
 
 
-def decode_options(f):
-    """Options shared by every command that decodes; unset ones come from the checkpoint's generation_config.json,
-    else the official defaults."""
-    options = [
-        click.option("--gen-length", type=int, default=None, help="Tokens to generate at most [default: 256]."),
-        click.option("--block-length", type=int, default=None, help="Tokens per diffusion block [default: 32]."),
-        click.option("--steps", type=int, default=None, help="Denoising steps per block at most [default: 32]."),
-        click.option("--threshold", type=float, default=None, help="Commit every masked token whose confidence "
-                     "exceeds this (at least the scheduled number) [default: 0.95]."),
-        click.option("--temperature", type=float, default=None, help="0 = argmax (greedy) [default: 0]."),
-        click.option("--top-k", type=int, default=None, help="Sample from the k most likely tokens (temperature > 0)."),
-        click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (temperature > 0)."),
-        click.option("--regime", type=click.Choice(REGIMES), default="block-kv", show_default=True,
-                     help="block-kv: finished blocks in a KV cache; full: recompute the prefix every step."),
-        click.option("--seed", default=0, show_default=True, help="Seed for sampling."),
-        click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (one user turn)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def runtime_options(f):
-    """Options shared by every command that loads a model."""
-    options = [
-        click.option("--device", default="cpu", show_default=True, help="Where the model and resident experts live."),
-        click.option("--dtype", type=click.Choice(DTYPES), default=None,
-                     help="Compute dtype (default: the checkpoint's)."),
-        click.option("--policy", default="reference", show_default=True,
-                     help="Expert placement policy: reference, full-offload, lru, cpu-fallback, accelerate, tide."),
-        click.option("--gpu-budget", default=None,
-                     help="GPU memory for experts: bytes ('8GiB'), experts per layer ('64/layer') or a share ('50%'). "
-                          "Default: all experts."),
-        cpu_threads_option("Worker threads for host-computed experts."),
-        click.option("--refresh-interval", default="auto", show_default=True,
-                     help="tide: refresh the resident set every R denoising steps; 'auto' = chosen by the planner "
-                          "from a profiling trace and the cost model."),
-        click.option("--rank", type=click.Choice(["step", "interval"]), default="step", show_default=True,
-                     help="tide: rank experts at a refresh by the refresh step's tokens (paper) or by all tokens "
-                          "since the last refresh."),
-        click.option("--cost-fetch", is_flag=True,
-                     help="tide: between refreshes, fetch a miss when copy + GPU time beats CPU time (cost model)."),
-        click.option("--per-layer-interval", is_flag=True, help="tide, auto: one R per layer from its own trace."),
-        click.option("--prefetch", is_flag=True,
-                     help="tide: load the next layer's likely experts on the copy stream while this layer computes."),
-        click.option("--profile", "profile_path", type=click.Path(), default=None,
-                     help="Hardware profile JSON (tide calibrate). Default: a quick calibration on this machine."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Tide, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--threads", type=int, default=None,
               help="torch intra-op threads of the main thread [default: the usable cores (os.sched_getaffinity) "
                    "less the host-expert workers' default, at least 1].")
@@ -99,20 +57,21 @@ def main(threads: int | None) -> None:
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--shard-size", default="2GiB", show_default=True, help="Largest safetensors shard.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out (whole: no file of the old model stays).")
 def make_checkpoint(preset_name: str, layers: int | None, dtype: str | None, out: str, seed: int,
-                    shard_size: str) -> None:
-    """Write a random-weight checkpoint in the official Hugging Face layout (config, shards, index, tokenizer)."""
-    from accelerate.utils import convert_file_size_to_int
-
+                    shard_size: str, overwrite: bool) -> None:
+    """Write a random-weight checkpoint in the official Hugging Face layout (config, shards, index, tokenizer),
+    into a fresh directory that replaces --out only when complete."""
+    from tide.budget import parse_bytes
     from tide.checkpoint import write_random_checkpoint
+    from tide.hub import model_dir_writer
 
     overrides = {k: v for k, v in (("num_hidden_layers", layers), ("dtype", dtype)) if v is not None}
-    try:
-        cfg = preset(preset_name, **overrides)
-        path = write_random_checkpoint(cfg, out, seed=seed, max_shard_bytes=convert_file_size_to_int(shard_size))
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
-    click.echo(f"wrote {path} ({preset_name}, {cfg.num_hidden_layers} layers, seed {seed})")
+    cfg = preset(preset_name, **overrides)
+    shard_bytes = parse_bytes(shard_size, "--shard-size")
+    with model_dir_writer(out, overwrite) as tmp:
+        write_random_checkpoint(cfg, tmp, seed=seed, max_shard_bytes=shard_bytes)
+    click.echo(f"wrote {out} ({preset_name}, {cfg.num_hidden_layers} layers, seed {seed})")
 
 
 @main.command()
@@ -135,6 +94,8 @@ def generate(model_dir: str, prompt: str | None, prompt_ids: str | None, as_json
     """
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt or --prompt-ids")
+    if trace_path:
+        output_file(trace_path, (".jsonl", ".parquet"), "--trace")
     model_dir = _model(model_dir)
     chat = kw.pop("chat")
     decode = {k: kw.pop(k) for k in DECODE_FLAGS}
@@ -212,11 +173,7 @@ def _model(spec: str | None) -> Path:
     from tide.hub import resolve_model
 
     notes: list[str] = []
-    try:
-        path = resolve_model(spec, notes)
-    except (ValueError, FileNotFoundError) as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
+    path = resolve_model(spec, notes)
     for note in notes:
         click.echo(f"note: {note}", err=True)
     return path
@@ -227,16 +184,21 @@ def _load(model_dir: str | Path, kw: dict, **extra):
     import tide.refresh  # noqa: F401
     from tide.engine import load
 
-    try:
-        options = policy_options(kw, model_dir)
-        engine = load(model_dir, policy=kw["policy"], gpu_budget=kw["gpu_budget"], device=kw["device"],
-                      dtype=kw["dtype"], cpu_threads=kw["cpu_threads"], **options, **extra)
-    except (ValueError, FileNotFoundError) as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
+    options = policy_options(kw, model_dir)
+    engine = load(model_dir, policy=kw["policy"], gpu_budget=kw["gpu_budget"], device=kw["device"], dtype=kw["dtype"],
+                  cpu_threads=kw["cpu_threads"], check_finite=kw.pop("check_finite", True), **options, **extra)
     for note in engine.notes:
         click.echo(f"note: {note}", err=True)
     return engine
+
+
+def output_file(path: str, suffixes: tuple[str, ...], flag: str) -> None:
+    """Refuse, before any work, an output file whose folder is missing or whose name the writer cannot use."""
+    target = Path(path)
+    if target.suffix not in suffixes:
+        raise click.UsageError(f"{flag} {path}: use a {' or '.join(suffixes)} file name")
+    if not target.parent.is_dir():
+        raise click.UsageError(f"{flag} {path}: the folder {target.parent} does not exist; create it first")
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -250,12 +212,13 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--model", "model_dir", default=None, help="Take the expert shape from this checkpoint. " + MODEL_HELP)
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
               help="Expert shape when no --model is given.")
-@click.option("--device", default="cpu", show_default=True, help="Device tier to measure (cpu or cuda).")
+@device_option("Device tier to measure (cpu, cuda, cuda:N).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Expert dtype (default: the model's).")
 @cpu_threads_option("Host-expert workers to calibrate with (as the executor runs them).")
 @click.option("--estimate", type=click.Choice(["h100-pcie5", "a100-pcie4"]), default=None,
               help="Write a labelled estimate from published rates instead of measuring.")
-@click.option("--repeats", default=20, show_default=True, help="Timed repetitions per point (median reported).")
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed repetitions per point (median reported).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Profile JSON to write.")
 def calibrate(model_dir, preset_name, device, dtype, cpu_threads, estimate, repeats, out) -> None:
     """Measure this machine's expert copy and compute costs (or write an estimate) as a hardware profile."""
@@ -263,13 +226,12 @@ def calibrate(model_dir, preset_name, device, dtype, cpu_threads, estimate, repe
     from tide.config import ModelConfig
     from tide.engine import torch_dtype
 
+    output_file(out, (".json",), "--out")
     cfg = ModelConfig.from_json(_model(model_dir) / "config.json") if model_dir else preset(preset_name)
     dt = torch_dtype(dtype, cfg)
     if estimate:
         cost = cal.estimate(estimate, cfg.hidden_size, cfg.moe_intermediate_size, dt.itemsize)
     else:
-        if device.startswith("cuda") and not __import__("torch").cuda.is_available():
-            raise click.UsageError(f"--device {device}: CUDA is not available on this machine")
         cost = cal.calibrate(cfg.hidden_size, cfg.moe_intermediate_size, dt, device, cpu_threads, repeats=repeats)
     cost.to_json(out)
     click.echo(f"wrote {out} ({cost.source}): fetch {cost.fetch_s() * 1e6:.1f} us/expert "
@@ -288,7 +250,7 @@ def calibrate(model_dir, preset_name, device, dtype, cpu_threads, estimate, repe
 @click.option("--objective", type=click.Choice(["sum", "overlap"]), default="sum", show_default=True,
               help="sum: PCIe + CPU seconds (the paper); overlap: modelled wall time, copies, device and host workers "
                    "overlapping as executed.")
-@click.option("--device", default="cpu", show_default=True)
+@device_option()
 @click.option("--dtype", type=click.Choice(DTYPES), default=None)
 @cpu_threads_option("Host-expert workers.")
 def plan(model_dir, gpu_budget, profile_path, trace_path, max_interval, per_layer_interval, objective, device, dtype,
@@ -325,58 +287,14 @@ def plan(model_dir, gpu_budget, profile_path, trace_path, max_interval, per_laye
                f"{min(sol.candidates, key=lambda c: (c.objective_s, -c.interval)).interval}")
 
 
-@main.command()
-@click.option("--model", "model_dir", default=None, help=MODEL_HELP + " Default: the built-in trained model.")
-@click.option("--policies", default="reference,full-offload,lru,cpu-fallback,accelerate,tide", show_default=True,
-              help="Comma-separated; tide variants: tide+interval, tide+costfetch, tide+perlayer.")
-@click.option("--budgets", default="25%,50%", show_default=True, help="Comma-separated budgets (bytes, N/layer, %).")
-@click.option("--regime", "regimes", default="block-kv,full", show_default=True, help="Comma-separated regimes.")
-@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
-              help="JSONL file, one JSON string (a prompt) per line (default: bench/prompts.jsonl).")
-@click.option("--gen-length", default=64, show_default=True)
-@click.option("--block-length", default=32, show_default=True)
-@click.option("--steps", default=32, show_default=True)
-@click.option("--threshold", default=0.95, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(DTYPES), default=None)
-@cpu_threads_option("Host-expert workers.")
-@click.option("--repeat", default=2, show_default=True, help="Interleaved repeats of every run.")
-@click.option("--profile", "profile_path", type=click.Path(), default=None,
-              help="Hardware profile for tide's planner (default: a quick calibration on this machine).")
-@click.option("--refresh-interval", default="auto", show_default=True, help="tide's R, or auto (planner).")
-@click.option("--projections", default="h100-pcie5,a100-pcie4", show_default=True,
-              help="Reference machines to project onto (modelled); empty for none.")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Run directory (default: results/<date>-<host>-<model>; never overwritten).")
-@click.option("--check", is_flag=True, help="Fail unless the CI regression checks hold (bench/check.py).")
-@click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template (one user turn).")
-@click.option("--layers", type=int, default=None,
-              help="With --model preset:NAME: that shape truncated to this many layers (e.g. mini at 4 layers).")
-def bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps, threshold, device,
-          dtype, cpu_threads, repeat, profile_path, refresh_interval, projections, out, check, chat, layers) -> None:
-    """Every policy side by side on one model: bench.csv, bench.md, bench.png, env.json under results/."""
-    from tide.bench.runner import run_bench
-
-    try:
-        summary = run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps,
-                            threshold, device, dtype, cpu_threads, repeat, profile_path, refresh_interval,
-                            projections, out, check, command="tide " + " ".join(sys.argv[1:]), chat=chat,
-                            layers=layers)
-    except (ValueError, FileNotFoundError) as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
-    click.echo(json.dumps(summary))
-    if summary.get("failures"):
-        sys.exit(1)
-
-
 def _register_optional_commands() -> None:
     """Commands that live beside the engine: training, the stability study, lm-eval evaluation, reproduction."""
+    from tide.bench.commands import bench
     from tide.bench.stability import stability
     from tide.evals.commands import eval_command, reproduce_command
     from tide.train import train
 
-    for command in (train, stability, eval_command, reproduce_command):
+    for command in (bench, train, stability, eval_command, reproduce_command):
         main.add_command(command)
 
 

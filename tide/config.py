@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,8 +106,10 @@ class ModelConfig:
             raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object of model fields, got a JSON {type(raw).__name__}")
         return cls.from_dict(raw, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,6 +156,10 @@ def _validate(c: ModelConfig) -> None:
         raise ValueError("fields 'use_qkv_bias'/'use_bias' must be false (LLaDA2.0 has no linear biases)")
     if not 0.0 < c.partial_rotary_factor <= 1.0 or c.rotary_dim % 2:
         raise ValueError(f"field 'partial_rotary_factor' ({c.partial_rotary_factor}) must give an even rotary dim")
+    for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "partial_rotary_factor"):
+        value = getattr(c, name)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"field {name!r} must be a finite positive number, got {value!r}")
     if c.dtype not in DTYPES:
         raise ValueError(f"field 'dtype' is {c.dtype!r}; expected one of {DTYPES}")
     for name in ("pad_token_id", "eos_token_id", "mask_token_id"):
@@ -239,10 +246,10 @@ class DecodeConfig:
                 raise ValueError(f"decode field {name!r} must be positive, got {getattr(self, name)}")
         if self.regime not in REGIMES:
             raise ValueError(f"decode field 'regime' is {self.regime!r}; expected one of {REGIMES}")
-        if not 0.0 <= self.threshold <= 1.0:
+        if not 0.0 <= self.threshold <= 1.0:  # false for NaN too
             raise ValueError(f"decode field 'threshold' must be in [0, 1], got {self.threshold}")
-        if self.temperature < 0:
-            raise ValueError(f"decode field 'temperature' must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"decode field 'temperature' must be a finite number >= 0, got {self.temperature}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"decode field 'top_p' must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k <= 0:

@@ -90,13 +90,14 @@ class CostModel:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such hardware profile (write one with `tide calibrate`)")
-        raw = json.loads(path.read_text())
-        raw["cpu_curve"] = tuple(tuple(p) for p in raw["cpu_curve"])
-        raw["gpu_curve"] = tuple(tuple(p) for p in raw["gpu_curve"])
         try:
+            raw = json.loads(path.read_text())
+            raw["cpu_curve"] = tuple(tuple(p) for p in raw["cpu_curve"])
+            raw["gpu_curve"] = tuple(tuple(p) for p in raw["gpu_curve"])
             return cls(**raw)
-        except TypeError as err:
-            raise ValueError(f"{path}: not a TIDE hardware profile ({err})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: not a TIDE hardware profile ({type(err).__name__}: {err}); write one with "
+                             "`tide calibrate`") from None
 
     def for_expert_bytes(self, expert_bytes: int) -> CostModel:
         """The same machine for another expert size: copy time scales with bytes; compute curves scale too."""

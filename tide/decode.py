@@ -78,6 +78,11 @@ def generate(model: LLaDA2Model, prompt: list[int], cfg: DecodeConfig, mask_id: 
     bad = [t for t in prompt if vocab is not None and not 0 <= t < vocab]
     if bad:
         raise ValueError(f"prompt token ids outside the vocabulary [0, {vocab}): {bad}")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and len(prompt) + cfg.gen_length > limit:
+        raise ValueError(f"the prompt ({len(prompt)} tokens) plus --gen-length {cfg.gen_length} need "
+                         f"{len(prompt) + cfg.gen_length} positions, beyond the model's max_position_embeddings "
+                         f"{limit}: shorten the prompt or the generation")
     device = next(model.parameters()).device
     P, L = len(prompt), cfg.block_length
     n_blocks = -(-(P + cfg.gen_length) // L)

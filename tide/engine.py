@@ -247,24 +247,38 @@ PROFILE_PROMPTS = ("The quick brown fox jumps over the lazy dog.", "def add(a, b
 PROFILE_DECODE = DecodeConfig(gen_length=64, block_length=32, steps=32)
 
 
+def check_device(device: str) -> torch.device:
+    """The device, or a ValueError saying why it cannot run a model (cpu, cuda or cuda:N that exists)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: TIDE runs on cpu or cuda (a {dev.type} device holds no runnable data)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = None, device: str = "cpu",
          dtype: str | None = None, cpu_threads: int | None = None, staging: int = 2,
          popularity: Mapping[int, Mapping[int, int]] | None = None, profile_prompts: list[list[int]] | None = None,
-         **policy_options: Any) -> Engine:
-    """Load a checkpoint directory and wire the named policy in (see Engine.configure; budgets: tide.budget)."""
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+         check_finite: bool = True, **policy_options: Any) -> Engine:
+    """Load a checkpoint directory and wire the named policy in (see Engine.configure; budgets: tide.budget).
+    Everything that can be refused is checked first: device, config, tokenizer, memory for the weights."""
+    if check_device(device).type == "cuda":
         torch.cuda.set_device(torch.device(device))  # events, streams and memory stats follow the engine's GPU
     cpu_threads = default_cpu_threads() if cpu_threads is None else cpu_threads
     if cpu_threads < 1:
         raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
-    reader = CheckpointReader(path)
+    reader = CheckpointReader(path, check_finite)
     cfg = reader.config
+    tokenizer = load_tokenizer(path, cfg.vocab_size)
     model = load_model(reader, device, torch_dtype(dtype, cfg))
     store = ExpertStore(cfg, 1, device, next(model.parameters()).dtype, staging, device_tier=False)
     fill_store(reader, store)
-    tokenizer = load_tokenizer(path)
     generation = read_generation_config(path)
     mask_id, eos_id, notes = special_ids(cfg, tokenizer, generation)
     engine = Engine(model, store, None, tokenizer, mask_id, eos_id, notes, cpu_threads, staging,

@@ -13,8 +13,13 @@ import datetime
 import os
 import platform
 import re
+import shutil
+import signal
 import subprocess
-from collections.abc import Callable
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 PRESET_PREFIX = "preset:"
@@ -63,6 +68,63 @@ def new_run_dir(out: str | Path | None, kind: str) -> Path:
         except FileExistsError:
             continue
     raise ValueError(f"{results_root() / base}: could not create a new run directory")
+
+
+def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], object]) -> Path:
+    """Write `data` (text, bytes, or a function writing to the path it is given) to a unique temp name beside
+    `path`, then rename it into place: a reader never sees a half-written file, two writers never share a temp."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{path.suffix}")
+    try:
+        if callable(data):
+            data(tmp)
+        elif isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@contextmanager
+def model_dir_writer(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A fresh directory beside `out` to write a model into; when the block ends without error it replaces `out`
+    whole (no stale file of an older model survives). A non-empty `out` is refused unless `overwrite`. The swap
+    defers SIGINT/SIGTERM, so an interrupt leaves the old model or the new one at `out`, never a mixture."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"{out}: exists and is not empty; pass --overwrite to replace it (it is replaced whole)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # a new model directory's usual permissions, not mkdtemp's 0700
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old, pending = out.parent / f".{out.name}.old-{os.getpid()}", []
+    handlers = _defer_signals(pending)
+    try:
+        if out.exists():
+            os.rename(out, old)
+        os.rename(tmp, out)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    shutil.rmtree(old, ignore_errors=True)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def _defer_signals(pending: list) -> dict:
+    """Record SIGINT/SIGTERM instead of acting on them (main thread only); returns the handlers to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, lambda *args: pending.append(args)) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def source_stamp() -> str:

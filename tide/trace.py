@@ -59,18 +59,22 @@ class RoutingTrace:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such trace file")
-        if path.suffix == ".parquet":
-            import pandas as pd
+        try:
+            if path.suffix == ".parquet":
+                import pandas as pd
 
-            meta = json.loads(path.with_suffix(".meta.json").read_text())
-            rows = pd.read_parquet(path).to_dict("records")
-        else:
-            lines = path.read_text().splitlines()
-            meta = json.loads(lines[0])["meta"]
-            rows = [json.loads(line) for line in lines[1:]]
-        records = [TraceRecord(int(r["block"]), int(r["step"]), r["kind"], int(r["layer"]),
-                               {int(e): int(c) for e, c in _counts(r["counts"]).items()}) for r in rows]
-        return cls(meta["num_experts"], list(meta["layers"]), records)
+                meta = json.loads(path.with_suffix(".meta.json").read_text())
+                rows = pd.read_parquet(path).to_dict("records")
+            else:
+                lines = path.read_text().splitlines()
+                meta = json.loads(lines[0])["meta"]
+                rows = [json.loads(line) for line in lines[1:]]
+            records = [TraceRecord(int(r["block"]), int(r["step"]), r["kind"], int(r["layer"]),
+                                   {int(e): int(c) for e, c in _counts(r["counts"]).items()}) for r in rows]
+            return cls(meta["num_experts"], list(meta["layers"]), records)
+        except (ValueError, KeyError, TypeError, IndexError, OSError) as err:  # JSON, parquet and shape errors
+            raise ValueError(f"{path}: not a TIDE routing trace ({type(err).__name__}: {err}); record one with "
+                             "`tide generate --trace`") from None
 
 
 @dataclass

@@ -9,6 +9,7 @@ Data comes from `tide.data`. Knows nothing about placement policies.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -317,23 +318,31 @@ def plot_curve(log: dict[str, Any], path: Path) -> None:
 @click.option("--hidden-size", default=TrainConfig.hidden_size, show_default=True, help="Model width.")
 @click.option("--layers", default=TrainConfig.num_hidden_layers, show_default=True, help="Layers (first dense).")
 @click.option("--experts", default=TrainConfig.num_experts, show_default=True, help="Routed experts per MoE layer.")
-@click.option("--threads", default=TrainConfig.threads, show_default=True,
-              help="torch CPU threads (results depend on it).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out (whole: no file of the old model stays).")
 @click.option("--log-every", default=TrainConfig.log_every, show_default=True, help="Steps between loss lines.")
 @click.option("--eval-every", default=TrainConfig.eval_every, show_default=True,
               help="Steps between held-out loss / exact-match evaluations.")
 def train_command(out: str, seed: int, steps: int, batch_size: int, task_batch_size: int, seq_len: int, lr: float,
-                  vocab_size: int, hidden_size: int, layers: int, experts: int, threads: int, log_every: int,
+                  vocab_size: int, hidden_size: int, layers: int, experts: int, overwrite: bool, log_every: int,
                   eval_every: int) -> None:
-    """Train the built-in LLaDA2.0-architecture MoE diffusion LM from scratch (stdlib code + tasks)."""
+    """Train the built-in LLaDA2.0-architecture MoE diffusion LM from scratch (stdlib code + tasks). The model is
+    written into a fresh directory that replaces --out only when complete. Threads: the global `tide --threads`
+    (default 2 here: results depend on it)."""
+    from tide.hub import model_dir_writer
+
+    ctx = click.get_current_context()
+    threads = (ctx.parent.params.get("threads") if ctx.parent else None) or TrainConfig.threads
     try:
         tc = TrainConfig(out=out, seed=seed, steps=steps, batch_size=batch_size, task_batch_size=task_batch_size,
                          seq_len=seq_len, lr=lr, vocab_size=vocab_size, hidden_size=hidden_size,
                          num_hidden_layers=layers, num_experts=experts, threads=threads, log_every=log_every,
                          eval_every=eval_every)
+        v = tc.vocab_size  # the model's shape is checked now, not after the tokenizer is trained
+        model_config(tc, {"pad_token_id": v - 3, "eos_token_id": v - 2, "mask_token_id": v - 1})
     except ValueError as err:
         raise click.UsageError(str(err)) from None
-    log = fit(tc)
+    with model_dir_writer(out, overwrite) as tmp:
+        log = fit(dataclasses.replace(tc, out=str(tmp)))
     click.echo(json.dumps({"out": out, "train_s": round(log["train_s"], 1), "init_held_out_loss":
                            round(log["init_held_out_loss"], 4), "final_held_out_loss":
                            round(log["final_held_out_loss"], 4), "exact_match": log["curve"][-1]["exact_match"]}))
