@@ -59,7 +59,7 @@ soak: venv
 	$(BIN)/python -m tide.bench.soak $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) $(SOAK_ARGS)
 
 microbench: venv
-	$(BIN)/pytest -q bench/micro --benchmark-only
+	$(BIN)/pytest -q -s bench/micro --benchmark-only
 
 lint: venv
 	$(BIN)/ruff check tide baselines bench evals tests

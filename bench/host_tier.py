@@ -1,9 +1,11 @@
 """How close the host tier comes to the machine's read bandwidth: `python -m tide.bench.host_tier`.
 
 For LLaDA2.0-mini and -flash expert shapes, bf16 and fp32, 1..32 tokens per expert and a miss set of 10 and 60
-experts per layer-forward, it times the host tier as the executor runs it (tide.calibrate.host_curve: the
-executor's workers, hand-off and staging) and divides the weight bytes read by the time: GB/s. The machine's
-read bandwidth is measured the same way, on the same workers: each sums its own 256 MiB buffer. Writes
+experts per layer-forward, with each host kernel that runs here (torch's swiglu; in bf16 also the compiled
+amx-bf16 and avx512-bf16, tide.experts.host_kernels), it times the host tier as the executor runs it
+(tide.calibrate.host_curve: the executor's workers, hand-off and staging) and divides the weight bytes read by
+the time: GB/s. The machine's read bandwidth is measured the same way, on the same workers: each sums its own
+256 MiB buffer. Writes
 results/<date>-<host>-host-tier/host_tier.csv, host_tier.md, env.json. Measured on the machine it runs on.
 """
 
@@ -20,22 +22,52 @@ import pandas as pd
 import torch
 
 SHAPES = {"mini": (2048, 512), "flash": (4096, 1024)}
+POOL_BYTES = 2 << 30  # experts cycled through per configuration: more than the last-level cache holds
 
 
-def read_bandwidth(workers: int, mib: int = 256, repeats: int = 5) -> float:
-    """Bytes per second that `workers` single-threaded threads read together, each reducing its own buffer."""
-    buffers = [torch.ones(mib << 18) for _ in range(workers)]  # float32: 256 MiB each
+def read_bandwidth(workers: int, mib: int = 1024, repeats: int = 5) -> tuple[float, str]:
+    """(bytes per second, how) that `workers` single-threaded threads read together, each its own `mib` buffer
+    (more than the last-level cache holds): the faster of torch's float32 sum and the compiled eight-stream
+    64-byte load loop (tide_read_bytes in host_kernel.c, where it runs here)."""
+    buffers = [torch.ones(mib << 18) for _ in range(workers)]  # float32
+    readers = {"torch sum": lambda buf: buf.sum()}
+    try:
+        readers["64-byte loads"] = compiled_reader()
+    except RuntimeError:
+        pass
+    rates = {how: workers * (mib << 20) / timed(reader, buffers, repeats) for how, reader in readers.items()}
+    best = max(rates, key=rates.get)
+    return rates[best], best + " (" + ", ".join(f"{h} {r / 1e9:.1f} GB/s" for h, r in rates.items()) + ")"
+
+
+def compiled_reader():
+    """tide_read_bytes (host_kernel.c) as buffer -> None; RuntimeError where it cannot be built or run here."""
+    import ctypes
+
+    from tide.experts.host_kernels import compile_library
+    from tide.hub import cache_dir
+
+    library = compile_library(cache_dir() / "host-kernels")
+    if not library.tide_cpu_features() & 1:
+        raise RuntimeError("this CPU has no AVX512")
+    library.tide_read_bytes.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    library.tide_read_bytes.restype = ctypes.c_uint64
+    return lambda buf: library.tide_read_bytes(buf.data_ptr(), buf.numel() * buf.element_size())
+
+
+def timed(reader, buffers: list[torch.Tensor], repeats: int) -> float:
+    """Median seconds for all threads (one per buffer, started together) to finish `reader`."""
     times: list[float] = []
 
-    def reduce(buf: torch.Tensor, start: threading.Barrier, out: list) -> None:
+    def read(buf: torch.Tensor, start: threading.Barrier, out: list) -> None:
         torch.set_num_threads(1)
         start.wait()
-        buf.sum()
+        reader(buf)
         out.append(time.perf_counter())
 
     for i in range(repeats + 1):
-        start, ends = threading.Barrier(workers + 1), []
-        threads = [threading.Thread(target=reduce, args=(b, start, ends)) for b in buffers]
+        start, ends = threading.Barrier(len(buffers) + 1), []
+        threads = [threading.Thread(target=read, args=(b, start, ends)) for b in buffers]
         for t in threads:
             t.start()
         t0 = time.perf_counter()
@@ -44,7 +76,7 @@ def read_bandwidth(workers: int, mib: int = 256, repeats: int = 5) -> float:
             t.join()
         if i:  # the first pass warms up
             times.append(max(ends) - t0)
-    return workers * (mib << 20) / statistics.median(times)
+    return statistics.median(times)
 
 
 @click.command()
@@ -52,26 +84,37 @@ def read_bandwidth(workers: int, mib: int = 256, repeats: int = 5) -> float:
 @click.option("--tokens", default="1,2,4,8,32", show_default=True)
 @click.option("--misses", default="10,60", show_default=True, help="Host experts per layer-forward.")
 @click.option("--repeat", default=5, show_default=True)
+@click.option("--kernels", default="torch,amx-bf16,avx512-bf16", show_default=True,
+              help="Host kernels to measure (bf16 only for the compiled ones; those that cannot run here are skipped).")
 @click.option("--out", default=None, help="Run directory (default: results/<date>-<host>-host-tier).")
-def main(workers: int | None, tokens: str, misses: str, repeat: int, out: str | None) -> None:
+def main(workers: int | None, tokens: str, misses: str, repeat: int, kernels: str, out: str | None) -> None:
     from tide.calibrate import host_curve, machine_stamp
     from tide.config import default_cpu_threads
+    from tide.experts.host_kernels import host_kernel
     from tide.hub import atomic_write, new_run_dir
 
     workers = workers or default_cpu_threads()
     token_list = tuple(int(t) for t in tokens.split(","))
     run_dir = new_run_dir(out, "host-tier")
-    bandwidth = read_bandwidth(workers)
-    rows = []
+    bandwidth, how = read_bandwidth(workers)
+    rows, skipped = [], []
     for shape, (H, I) in SHAPES.items():
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype, name in [(d, k) for d in (torch.bfloat16, torch.float32) for k in kernels.split(",")]:
+            if name != "torch" and dtype != torch.bfloat16:
+                continue
+            try:
+                kernel, _ = host_kernel(name, dtype, H, I)
+            except ValueError as why:
+                skipped.append(str(why))
+                continue
             for miss in (int(m) for m in misses.split(",")):
-                curve = host_curve(H, I, dtype, workers, token_list, repeat, experts=miss)
                 expert_bytes = 3 * H * I * dtype.itemsize
+                curve = host_curve(H, I, dtype, workers, token_list, repeat, kernel, experts=miss,
+                                   pool=-(-POOL_BYTES // expert_bytes))
                 for n, seconds in curve:
                     rate = expert_bytes * workers / seconds  # workers experts in flight at once
-                    rows.append({"shape": shape, "dtype": str(dtype).removeprefix("torch."), "miss_set": miss,
-                                 "tokens": n, "workers": workers, "s_per_expert_per_worker": seconds,
+                    rows.append({"shape": shape, "dtype": str(dtype).removeprefix("torch."), "kernel": name,
+                                 "miss_set": miss, "tokens": n, "workers": workers, "s_per_expert_per_worker": seconds,
                                  "weights_GBps": rate / 1e9, "read_GBps": bandwidth / 1e9,
                                  "share_of_read_bw": rate / bandwidth})
                     print(rows[-1], flush=True)
@@ -79,20 +122,23 @@ def main(workers: int | None, tokens: str, misses: str, repeat: int, out: str | 
     atomic_write(run_dir / "host_tier.csv", lambda tmp: df.to_csv(tmp, index=False))
     stamp = machine_stamp("cpu", workers)
     env = {"command": "python -m tide.bench.host_tier " + " ".join(sys.argv[1:]), "machine": stamp,
-           "workers": workers, "read_bandwidth_GBps": bandwidth / 1e9}
+           "workers": workers, "read_bandwidth_GBps": bandwidth / 1e9, "read_bandwidth_how": how}
     atomic_write(run_dir / "env.json", json.dumps(env, indent=2))
-    table = df.pivot_table(index=["shape", "dtype", "miss_set"], columns="tokens", values="share_of_read_bw")
+    table = df.pivot_table(index=["shape", "dtype", "kernel", "miss_set"], columns="tokens",
+                           values="share_of_read_bw")
     lines = ["# Host tier: weight bytes per second against the read bandwidth", "", f"Command: `{env['command']}`  ",
              f"Commit: {stamp['commit']}  ", f"Machine: CPU {stamp['cpu']}, torch {stamp['torch']}, {workers} "
              f"host-expert worker(s)", "",
-             f"*Measured*: read bandwidth {bandwidth / 1e9:.1f} GB/s ({workers} worker(s), each summing its own "
-             "256 MiB float32 buffer). Each cell: the host tier's weight bytes per second (experts computed as the "
-             "executor computes them: its workers, hand-off and staging, `miss_set` distinct experts per "
-             "layer-forward, n tokens each) over that bandwidth. Columns: tokens per expert.", "",
-             "| shape | dtype | miss set | " + " | ".join(f"{n} tok" for n in table.columns) + " |",
-             "|" + "---|" * (3 + len(table.columns))]
-    for (shape, dtype, miss), values in table.iterrows():
-        lines.append(f"| {shape} | {dtype} | {miss} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+             f"*Measured*: read bandwidth {bandwidth / 1e9:.1f} GB/s ({workers} worker(s), each reading its own "
+             f"1 GiB buffer; the faster of: {how}). Each cell: the host tier's weight bytes per second (experts "
+             "computed as the executor computes them: its workers, hand-off and staging, `miss_set` distinct experts "
+             f"per layer-forward, n tokens each, cycling through {POOL_BYTES >> 30} GiB of experts so the weights "
+             "come from memory) over that bandwidth. Columns: tokens per expert.",
+             *([""] + [f"Not measured: {s}" for s in sorted(set(skipped))] if skipped else []), "",
+             "| shape | dtype | kernel | miss set | " + " | ".join(f"{n} tok" for n in table.columns) + " |",
+             "|" + "---|" * (4 + len(table.columns))]
+    for (shape, dtype, name, miss), values in table.iterrows():
+        lines.append(f"| {shape} | {dtype} | {name} | {miss} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
     atomic_write(run_dir / "host_tier.md", "\n".join(lines) + "\n")
     print((run_dir / "host_tier.md").read_text())
     print(json.dumps({"out": str(run_dir)}))

@@ -101,7 +101,11 @@ def markdown(bench: pd.DataFrame, proj: pd.DataFrame | None, card: list[str], co
                 "through a reference machine's cost model (`tide calibrate --estimate`, published rates). "
                 "`expert_s` is the modelled expert path only (copies, GPU and CPU experts with overlap); attention "
                 "and the rest of the forward are excluded. `oracle_s`: perfect foresight and overlap with the same "
-                "slots; `fraction_of_bound` = oracle_s / expert_s.", ""]
+                "slots; `fraction_of_bound` = oracle_s / expert_s."
+                + (" The routing is that of a **random-weight** checkpoint (a preset), not LLaDA2.0's: its expert "
+                   "popularity and step-to-step stability differ from the trained model's, so these projections "
+                   "show the cost model at this expert size, not the paper's speed-up."
+                   if bench.model.astype(str).str.endswith("-random").any() else ""), ""]
         for machine, grp in proj.groupby("machine", sort=False):
             cols = ["variant", "budget", "slots_per_layer", "regime", "expert_s", "io_s", "cpu_s", "bytes_h2d",
                     "gpu_hit_ratio", "oracle_s", "fraction_of_bound", "refresh_interval"]

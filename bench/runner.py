@@ -22,6 +22,7 @@ from tide.calibrate import REFERENCE_MACHINES, load_or_calibrate
 from tide.config import REGIMES, DecodeConfig, ModelConfig, parse_refresh_interval, usable_cores
 from tide.cost import CostModel
 from tide.engine import torch_dtype
+from tide.experts.host_kernels import host_kernel as choose_host_kernel
 from tide.hub import atomic_write, new_run_dir, resolve_model
 from tide.policy import load_registered
 
@@ -57,7 +58,7 @@ def _csv(text: str) -> list[str]:
 
 def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps, threshold,
               device, dtype, cpu_threads, repeat, profile_path, refresh_interval, machines, out, check,
-              command: str, chat: bool = False, layers: int | None = None) -> dict:
+              command: str, chat: bool = False, layers: int | None = None, host_kernel: str = "auto") -> dict:
     import tide.baselines  # noqa: F401  (registers the baseline policies)
     import tide.refresh  # noqa: F401
 
@@ -85,14 +86,16 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
     prompts = read_prompts(prompts_path)
     if profile_path:
         CostModel.from_json(profile_path)
+    _, kernel_note = choose_host_kernel(host_kernel, torch_dtype(dtype, cfg), cfg.hidden_size,
+                                        cfg.moe_intermediate_size)  # a named kernel that cannot run here: ValueError
     run_dir = new_run_dir(out, model.name)
     if not profile_path:
         print("note: no --profile given; calibrating this machine (a few seconds)")
     cost = load_or_calibrate(profile_path, cfg.hidden_size, cfg.moe_intermediate_size, torch_dtype(dtype, cfg),
-                             device, cpu_threads)
+                             device, cpu_threads, host_kernel)
     spec = SweepSpec(str(model), policy_list, budget_list, regime_list, prompts, decode, device, dtype, cpu_threads,
-                     repeat, cost, run_dir, tide_options, chat)
-    card = card_lines(spec, cfg, cost)
+                     repeat, cost, run_dir, tide_options, chat, host_kernel)
+    card = card_lines(spec, cfg, cost) + [f"host kernel: {kernel_note}"]
     for line in card:
         print(f"card: {line}")
     per_rep = sum(1 for p, _, _ in variants(policy_list) for _ in (budget_list if p != "reference" else [0]))

@@ -24,6 +24,7 @@ from tide.config import DecodeConfig
 from tide.cost import CostModel
 from tide.engine import Engine, load
 from tide.evals.lossless import all_resident_fits, compare_logits, level, teacher_forced_logits, token_agreement
+from tide.experts.host_kernels import kernel_name
 from tide.experts.store import DeviceMemoryError
 from tide.hub import atomic_write
 from tide.planner import solve_interval
@@ -38,7 +39,7 @@ COLUMNS = ["policy", "variant", "budget", "slots_per_layer", "budget_bytes", "re
            "fetched_experts", "streamed_experts", "pairs_gpu", "pairs_cpu", "gpu_hit_ratio", "fetch_s",
            "gpu_expert_s", "cpu_expert_s", "moe_s", "non_expert_s", "peak_gpu_bytes", "identical_to_reference",
            "refresh_interval", "kind", "model", "num_hidden_layers", "hidden_size", "num_experts",
-           "moe_intermediate_size", "expert_bytes", "dtype", "device", "cpu_threads",
+           "moe_intermediate_size", "expert_bytes", "dtype", "device", "cpu_threads", "host_kernel",
            # the lossless contract (evals/lossless.py): level a or b, and level c's agreement with the ground truth
            "truth", "lossless_level", "identical_to_tier_matched", "token_agreement", "first_divergence",
            "logits_max_abs_diff", "top1_agreement", "peak_gpu_reserved_bytes", "error"]
@@ -60,6 +61,7 @@ class SweepSpec:
     out: Path = Path("results/bench")
     tide_options: dict = field(default_factory=dict)
     chat: bool = False  # prompts wrapped in the tokenizer's chat template
+    host_kernel: str = "auto"  # tide.experts.host_kernels
 
 
 def variants(policies: list[str]) -> list[tuple[str, str, dict]]:
@@ -87,14 +89,14 @@ def run_sweep(spec: SweepSpec, on_row: Callable[[dict], None] | None = None) -> 
     runs = variants(spec.policies)
     first_budget = spec.budgets[0]
     engine = load(spec.model, policy="lru", gpu_budget=first_budget, device=spec.device, dtype=spec.dtype,
-                  cpu_threads=spec.cpu_threads)
+                  cpu_threads=spec.cpu_threads, host_kernel=spec.host_kernel)
     prompts = [engine.encode(p, spec.chat) for p in spec.prompts]
     hw = stamp(spec.device, spec.cpu_threads)
     cfg = engine.config
     shape = {"model": str(spec.model), "num_hidden_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
              "num_experts": cfg.num_experts, "moe_intermediate_size": cfg.moe_intermediate_size,
              "expert_bytes": engine.store.expert_bytes, "dtype": str(engine.store.dtype).removeprefix("torch."),
-             "device": spec.device, "cpu_threads": spec.cpu_threads}
+             "device": spec.device, "cpu_threads": spec.cpu_threads, "host_kernel": kernel_name(engine.host_kernel)}
     truth, note = ground_truth(engine, [p for p, _, _ in runs])
     if note:
         print(f"note: {note}")

@@ -50,19 +50,21 @@ class TideLM(TemplateLM):
                  mc_samples: int = MC_SAMPLES, dtype: str | None = None, device: str | None = "cpu",
                  cpu_threads: int = 1, refresh_interval: int | str = "auto", rank_by: str = "step",
                  cost_fetch: bool = False, prefetch: bool = False, profile: str | None = None,
-                 batch_size: int | str | None = 1, max_batch_size: int | None = None, trust_remote_code: bool = False,
+                 host_kernel: str = "auto", batch_size: int | str | None = 1, max_batch_size: int | None = None,
+                 trust_remote_code: bool = False,
                  engine: Engine | None = None, progress: bool = True, **unknown: Any) -> None:
         super().__init__()
         if unknown:
             raise ValueError(f"tide: unknown model_args {sorted(unknown)}; known: pretrained, policy, gpu_budget, "
                              f"regime, {', '.join(DECODE_FIELDS[:-1])}, do_sample, decode_from, seed, mc_samples, "
-                             "dtype, cpu_threads, refresh_interval, rank_by, cost_fetch, prefetch, profile")
+                             "dtype, cpu_threads, refresh_interval, rank_by, cost_fetch, prefetch, profile, "
+                             "host_kernel")
         if decode_from not in ("task", "model"):
             raise ValueError(f"tide: decode_from must be 'task' or 'model', got {decode_from!r}")
         self.name = str(pretrained or "built-in")
         if engine is None:
             engine = _load_engine(pretrained, policy, gpu_budget, device or "cpu", dtype, int(cpu_threads),
-                                  refresh_interval, rank_by, bool(cost_fetch), bool(prefetch), profile)
+                                  refresh_interval, rank_by, bool(cost_fetch), bool(prefetch), profile, host_kernel)
         if engine.tokenizer is None:
             raise ValueError("tide: the lm-eval model needs a checkpoint with a tokenizer")
         self.engine, self.policy, self.tokenizer = engine, policy, engine.tokenizer
@@ -239,7 +241,7 @@ def record(req: Any, kind: str, output: Any, stats: dict[str, Any]) -> dict[str,
 
 def _load_engine(pretrained: str | None, policy: str, gpu_budget: str | None, device: str, dtype: str | None,
                  cpu_threads: int, refresh_interval: int | str, rank_by: str, cost_fetch: bool, prefetch: bool,
-                 profile: str | None) -> Engine:
+                 profile: str | None, host_kernel: str = "auto") -> Engine:
     """An engine built from model_args (lm-eval's CLI path)."""
     import tide.baselines  # noqa: F401  (registers the baseline policies)
     import tide.refresh  # noqa: F401
@@ -261,7 +263,7 @@ def _load_engine(pretrained: str | None, policy: str, gpu_budget: str | None, de
 
             cfg = ModelConfig.from_json(path / "config.json")
             options["cost"] = load_or_calibrate(profile, cfg.hidden_size, cfg.moe_intermediate_size,
-                                                torch_dtype(dtype, cfg), device, cpu_threads)
+                                                torch_dtype(dtype, cfg), device, cpu_threads, host_kernel)
     budget = None if gpu_budget is None else str(gpu_budget)
     return load(path, policy=policy, gpu_budget=budget, device=device, dtype=None if dtype == "auto" else dtype,
-                cpu_threads=cpu_threads, **options)
+                cpu_threads=cpu_threads, host_kernel=host_kernel, **options)

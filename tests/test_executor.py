@@ -128,18 +128,9 @@ def test_grouped_device_tier_equals_per_expert_bits(policy, slots):
 
 
 def count_ops(ex, x, ids, w) -> int:
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from tide.bench.hardware import count_ops as count
 
-    seen = []
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(func)
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        ex(1, x, ids, w, StepInfo(0, 0))
-    return len(seen)
+    return count(lambda: ex(1, x, ids, w, StepInfo(0, 0)))
 
 
 def test_ops_per_layer_forward_do_not_grow_with_device_experts():

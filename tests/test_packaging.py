@@ -27,7 +27,7 @@ def _build_and_probe(tmp_path):
     assert tops == {"tide"}, tops  # no top-level bench, evals or baselines
     for needed in ("tide/evals/tasks/tide_mbpp_sanitized.yaml", "tide/evals/tasks/tide_arith.yaml",
                    "tide/bench/prompts.jsonl", "tide/bench/profiles/h100-pcie5.mini.estimate.json",
-                   "tide/baselines/lru.py", "tide/evals/lm_eval_cli.py"):
+                   "tide/baselines/lru.py", "tide/evals/lm_eval_cli.py", "tide/experts/host_kernel.c"):
         assert needed in names, needed
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "tide-lm-eval = tide.evals.lm_eval_cli:main" in entry_points and "tide.baselines.lru" in entry_points
@@ -35,6 +35,7 @@ def _build_and_probe(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
     probe = ("import tide.hub as h, tide.bench.runner as r, tide.evals.harness as e; "
+             "import tide.experts.host_kernels as k; assert k.SOURCE.is_file(); "
              "assert r.DEFAULT_PROMPTS.is_file() and (e.TASK_DIR / 'tide_arith.yaml').is_file(); "
              "assert h.results_root() == __import__('pathlib').Path.cwd() / 'results'; "
              "assert not h.in_checkout(); print(h.PACKAGE_ROOT)")

@@ -20,6 +20,7 @@ import torch
 
 from tide.cost import CostModel
 from tide.experts.executor import swiglu
+from tide.experts.host_kernels import host_kernel as choose_host_kernel
 from tide.hub import source_stamp
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -68,8 +69,10 @@ def median_s(fn: Callable[[], None], device: torch.device, repeats: int, warmup:
 
 
 def calibrate(hidden_size: int, moe_intermediate_size: int, dtype: torch.dtype, device: str = "cpu",
-              cpu_threads: int = 1, tokens: tuple[int, ...] = TOKENS, repeats: int = 20) -> CostModel:
-    """Measure copy and compute costs of one expert of this shape on this machine."""
+              cpu_threads: int = 1, tokens: tuple[int, ...] = TOKENS, repeats: int = 20,
+              host_kernel: str = "auto") -> CostModel:
+    """Measure copy and compute costs of one expert of this shape on this machine (host experts with the host
+    kernel an engine given `host_kernel` would use)."""
     dev = torch.device(device)
     H, I = hidden_size, moe_intermediate_size
     cuda = dev.type == "cuda"
@@ -93,7 +96,8 @@ def calibrate(hidden_size: int, moe_intermediate_size: int, dtype: torch.dtype, 
         return tuple(points)
 
     gpu_curve = curve(dev) if cuda else None
-    cpu_curve = host_curve(H, I, dtype, cpu_threads, tokens, repeats)
+    kernel, _ = choose_host_kernel(host_kernel, dtype, H, I)
+    cpu_curve = host_curve(H, I, dtype, cpu_threads, tokens, repeats, kernel)
     return CostModel(nbytes, h2d, fixed_s, cpu_curve, gpu_curve or cpu_curve, "measured",
                      machine_stamp(device, cpu_threads),
                      {"hidden_size": H, "moe_intermediate_size": I, "dtype": str(dtype).removeprefix("torch.")},
@@ -101,10 +105,12 @@ def calibrate(hidden_size: int, moe_intermediate_size: int, dtype: torch.dtype, 
 
 
 def host_curve(H: int, I: int, dtype: torch.dtype, workers: int, tokens: tuple[int, ...], repeats: int,
-               kernel: Callable = swiglu, experts: int = 32) -> tuple[tuple[int, float], ...]:
+               kernel: Callable = swiglu, experts: int = 32, pool: int | None = None) -> tuple[tuple[int, float], ...]:
     """Seconds per host expert as the executor runs them: a MoEExecutor over `experts` distinct experts (more than
     fit the private caches), all on the host (its pool of `workers` single-threaded workers, its hand-off and
-    staging), n tokens each; the measured host-tier span of a layer-forward times workers / experts."""
+    staging), n tokens each; the measured host-tier span of a layer-forward times workers / experts. With `pool`
+    experts in the store (more than the last-level cache holds), each layer-forward takes the next `experts` of
+    them, so its weights come from memory as a real model's do."""
     from tide.config import preset
     from tide.experts.executor import MoEExecutor
     from tide.experts.store import ExpertStore
@@ -119,18 +125,20 @@ def host_curve(H: int, I: int, dtype: torch.dtype, workers: int, tokens: tuple[i
         def plan(self, at, counts, resident, slots) -> Plan:
             return Plan(cpu=frozenset(counts))
 
-    cfg = preset("tiny", hidden_size=H, moe_intermediate_size=I, num_experts=experts, num_experts_per_tok=1,
+    total = max(experts, pool or experts)
+    cfg = preset("tiny", hidden_size=H, moe_intermediate_size=I, num_experts=total, num_experts_per_tok=1,
                  n_group=1, topk_group=1, num_hidden_layers=2)
     store = ExpertStore(cfg, 1, "cpu", dtype, device_tier=False)
     for arena in store.host.values():
         arena.normal_(std=0.02)
     executor = MoEExecutor(store, AllOnHost(), workers, kernel)
-    layer, points = store.layers[0], []
+    layer, points, calls = store.layers[0], [], iter(range(10**9))
     for n in tokens:
-        ids = torch.arange(experts).repeat_interleave(n)[:, None]
-        x, w = torch.randn(len(ids), H).to(dtype), torch.ones(len(ids), 1)
+        x, w = torch.randn(experts * n, H).to(dtype), torch.ones(experts * n, 1)
 
-        def span(x=x, ids=ids, w=w) -> float:
+        def span(x=x, w=w, n=n) -> float:
+            first = next(calls) * experts % total
+            ids = ((torch.arange(experts) + first) % total).repeat_interleave(n)[:, None]
             executor(layer, x, ids, w, StepInfo(0, 0))
             return executor.counters.records.pop().cpu_expert_s
 
@@ -172,10 +180,11 @@ def estimate(name: str, hidden_size: int, moe_intermediate_size: int, bytes_per_
 
 
 def load_or_calibrate(profile_path: str | None, hidden_size: int, moe_intermediate_size: int, dtype: torch.dtype,
-                      device: str = "cpu", cpu_threads: int = 1) -> CostModel:
+                      device: str = "cpu", cpu_threads: int = 1, host_kernel: str = "auto") -> CostModel:
     """The hardware profile at `profile_path` (rescaled to this expert size), else a quick calibration here."""
     nbytes = 3 * hidden_size * moe_intermediate_size * dtype.itemsize
     if profile_path:
         cost = CostModel.from_json(profile_path)
         return cost if cost.expert_bytes == nbytes else cost.for_expert_bytes(nbytes)
-    return calibrate(hidden_size, moe_intermediate_size, dtype, device, cpu_threads, tokens=TOKENS[:9], repeats=5)
+    return calibrate(hidden_size, moe_intermediate_size, dtype, device, cpu_threads, tokens=TOKENS[:9], repeats=5,
+                     host_kernel=host_kernel)

@@ -10,7 +10,7 @@ import click
 
 from tide.config import DTYPES, PRESETS, DecodeConfig, parse_refresh_interval, preset
 from tide.hub import MODEL_HELP
-from tide.options import cpu_threads_option, decode_options, device_option, runtime_options
+from tide.options import cpu_threads_option, decode_options, device_option, host_kernel_option, runtime_options
 
 # Threads (README, "Threads"): OpenMP threads sleep at barriers instead of spinning, so the main thread's intra-op
 # teams neither starve the host-tier workers nor collapse when other processes share the cores. Set here, before
@@ -158,7 +158,8 @@ def cost_model(model_dir: str, kw: dict):
     if not kw.get("profile_path"):
         click.echo("note: no --profile given; calibrating this machine (a few seconds)", err=True)
     return load_or_calibrate(kw.get("profile_path"), cfg.hidden_size, cfg.moe_intermediate_size,
-                             torch_dtype(kw["dtype"], cfg), kw["device"], kw["cpu_threads"])
+                             torch_dtype(kw["dtype"], cfg), kw["device"], kw["cpu_threads"],
+                             kw.get("host_kernel", "auto"))
 
 
 def refresh_interval(text: str) -> int | str:
@@ -186,7 +187,8 @@ def _load(model_dir: str | Path, kw: dict, **extra):
 
     options = policy_options(kw, model_dir)
     engine = load(model_dir, policy=kw["policy"], gpu_budget=kw["gpu_budget"], device=kw["device"], dtype=kw["dtype"],
-                  cpu_threads=kw["cpu_threads"], check_finite=kw.pop("check_finite", True), **options, **extra)
+                  cpu_threads=kw["cpu_threads"], check_finite=kw.pop("check_finite", True),
+                  host_kernel=kw.get("host_kernel", "auto"), **options, **extra)
     for note in engine.notes:
         click.echo(f"note: {note}", err=True)
     return engine
@@ -215,12 +217,13 @@ def _parse_ids(text: str) -> list[int]:
 @device_option("Device tier to measure (cpu, cuda, cuda:N).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Expert dtype (default: the model's).")
 @cpu_threads_option("Host-expert workers to calibrate with (as the executor runs them).")
+@host_kernel_option()
 @click.option("--estimate", type=click.Choice(["h100-pcie5", "a100-pcie4"]), default=None,
               help="Write a labelled estimate from published rates instead of measuring.")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
               help="Timed repetitions per point (median reported).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Profile JSON to write.")
-def calibrate(model_dir, preset_name, device, dtype, cpu_threads, estimate, repeats, out) -> None:
+def calibrate(model_dir, preset_name, device, dtype, cpu_threads, host_kernel, estimate, repeats, out) -> None:
     """Measure this machine's expert copy and compute costs (or write an estimate) as a hardware profile."""
     from tide import calibrate as cal
     from tide.config import ModelConfig
@@ -232,7 +235,8 @@ def calibrate(model_dir, preset_name, device, dtype, cpu_threads, estimate, repe
     if estimate:
         cost = cal.estimate(estimate, cfg.hidden_size, cfg.moe_intermediate_size, dt.itemsize)
     else:
-        cost = cal.calibrate(cfg.hidden_size, cfg.moe_intermediate_size, dt, device, cpu_threads, repeats=repeats)
+        cost = cal.calibrate(cfg.hidden_size, cfg.moe_intermediate_size, dt, device, cpu_threads, repeats=repeats,
+                             host_kernel=host_kernel)
     cost.to_json(out)
     click.echo(f"wrote {out} ({cost.source}): fetch {cost.fetch_s() * 1e6:.1f} us/expert "
                f"({cost.h2d_bytes_per_s / 1e9:.1f} GB/s), CPU expert {cost.cpu_s(1) * 1e6:.1f} us at 1 token, "

@@ -22,6 +22,7 @@ from tide.checkpoint import CheckpointReader, fill_store, load_model, load_token
 from tide.config import DTYPES, DecodeConfig, ModelConfig, default_cpu_threads
 from tide.decode import Generation, generate
 from tide.experts.executor import MoEExecutor, swiglu
+from tide.experts.host_kernels import host_kernel as choose_host_kernel
 from tide.experts.store import DeviceMemoryError, ExpertStore, free_bytes
 from tide.model import LLaDA2Model
 from tide.policy import PolicyContext, load_registered, make_policy
@@ -265,9 +266,10 @@ def check_device(device: str) -> torch.device:
 def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = None, device: str = "cpu",
          dtype: str | None = None, cpu_threads: int | None = None, staging: int = 2,
          popularity: Mapping[int, Mapping[int, int]] | None = None, profile_prompts: list[list[int]] | None = None,
-         check_finite: bool = True, **policy_options: Any) -> Engine:
+         check_finite: bool = True, host_kernel: str = "auto", **policy_options: Any) -> Engine:
     """Load a checkpoint directory and wire the named policy in (see Engine.configure; budgets: tide.budget).
-    Everything that can be refused is checked first: device, config, tokenizer, memory for the weights."""
+    Everything that can be refused is checked first: device, config, tokenizer, memory for the weights.
+    `host_kernel`: how host-tier experts are computed (tide.experts.host_kernels: auto, torch, amx-bf16, ...)."""
     if check_device(device).type == "cuda":
         torch.cuda.set_device(torch.device(device))  # events, streams and memory stats follow the engine's GPU
     cpu_threads = default_cpu_threads() if cpu_threads is None else cpu_threads
@@ -276,13 +278,16 @@ def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = N
     reader = CheckpointReader(path, check_finite)
     cfg = reader.config
     tokenizer = load_tokenizer(path, cfg.vocab_size)
+    kernel, kernel_note = choose_host_kernel(host_kernel, torch_dtype(dtype, cfg), cfg.hidden_size,
+                                             cfg.moe_intermediate_size)
     model = load_model(reader, device, torch_dtype(dtype, cfg))
     store = ExpertStore(cfg, 1, device, next(model.parameters()).dtype, staging, device_tier=False)
     fill_store(reader, store)
     generation = read_generation_config(path)
     mask_id, eos_id, notes = special_ids(cfg, tokenizer, generation)
+    notes.append(f"host kernel: {kernel_note}")
     engine = Engine(model, store, None, tokenizer, mask_id, eos_id, notes, cpu_threads, staging,
-                    decode_defaults=decode_defaults(generation))
+                    decode_defaults=decode_defaults(generation), host_kernel=kernel)
     engine.configure(policy, gpu_budget, popularity, profile_prompts, **policy_options)
     for note in notes:
         log.info(note)

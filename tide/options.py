@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from tide.config import DTYPES, REGIMES, default_cpu_threads
+from tide.config import DTYPES, HOST_KERNELS, REGIMES, default_cpu_threads
 
 
 def check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -27,6 +27,13 @@ def device_option(help_text: str = "Where the model and resident experts live (c
 def cpu_threads_option(help_text: str):
     return click.option("--cpu-threads", type=int, default=None, callback=lambda ctx, p, v: v or default_cpu_threads(),
                         help=f"{help_text} [default: half the usable cores, at least 1]")
+
+
+def host_kernel_option():
+    return click.option("--host-kernel", type=click.Choice(HOST_KERNELS), default="auto", show_default=True,
+                        help="How host-tier experts are computed: torch's swiglu, or a compiled bf16 kernel "
+                             "(amx-bf16, avx512-bf16; built with the C compiler on first use). auto: the first of "
+                             "amx-bf16, avx512-bf16, torch that runs here for this dtype.")
 
 
 def decode_options(f):
@@ -63,6 +70,7 @@ def runtime_options(f):
                      help="GPU memory for experts: bytes ('8GiB'), experts per layer ('64/layer') or a share ('50%'). "
                           "Default: all experts."),
         cpu_threads_option("Worker threads for host-computed experts."),
+        host_kernel_option(),
         click.option("--refresh-interval", default="auto", show_default=True,
                      help="tide: refresh the resident set every R denoising steps; 'auto' = chosen by the planner "
                           "from a profiling trace and the cost model."),
