@@ -9,9 +9,10 @@ streamed ones -> join -> combine. Counters are updated here and only here. Decid
 
 Losslessness: every expert is computed by the same math on the same rows whatever its tier (the grouped GEMM
 computes each group as its own matmul: the reference, which uses it too, and every device-only policy get
-the same bits; tests/test_executor.py and tests/test_gpu.py check it), and the combine is sort-and-scatter
-in expert-id order followed by a fixed-order sum over k, never index_add_ (whose CUDA atomics make the sum
-order, and so the rounding, vary run to run).
+the same bits; tests/test_executor.py and tests/test_gpu.py check it; a compiled host kernel,
+tide.experts.host_kernels, sums in another order and is replayed by the tier-matched reference), and the
+combine is sort-and-scatter in expert-id order followed by a fixed-order sum over k, never index_add_ (whose
+CUDA atomics make the sum order, and so the rounding, vary run to run).
 """
 
 from __future__ import annotations
