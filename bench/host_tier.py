@@ -45,9 +45,8 @@ def compiled_reader():
     import ctypes
 
     from tide.experts.host_kernels import compile_library
-    from tide.hub import cache_dir
 
-    library = compile_library(cache_dir() / "host-kernels")
+    library = compile_library()
     if not library.tide_cpu_features() & 1:
         raise RuntimeError("this CPU has no AVX512")
     library.tide_read_bytes.argtypes = [ctypes.c_void_p, ctypes.c_int64]

@@ -16,15 +16,9 @@ COMPILED = ("amx-bf16", "avx512-bf16")
 
 def available(name: str) -> bool:
     try:
-        return bool(compile_library(tide_cache()).tide_cpu_features() & FEATURE_BIT[name])
+        return bool(compile_library().tide_cpu_features() & FEATURE_BIT[name])
     except RuntimeError:
         return False
-
-
-def tide_cache():
-    from tide.hub import cache_dir
-
-    return cache_dir() / "host-kernels"
 
 
 def expert(H: int, I: int, seed: int = 0):

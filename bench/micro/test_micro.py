@@ -97,7 +97,7 @@ def test_host_tier_share_of_read_bandwidth(benchmark, bandwidth, kernel_name, to
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a host-tier worker runs
     try:
-        benchmark.pedantic(lambda: [kernel(x, *v) for v in views[next(rounds) % 10 * 32:][:32]], rounds=5,
+        benchmark.pedantic(lambda: [kernel(x, *v) for v in views[next(rounds) % 10 * 32:][:32]], rounds=9,
                            warmup_rounds=1)
     finally:
         torch.set_num_threads(threads)

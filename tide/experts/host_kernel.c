@@ -3,14 +3,16 @@
    y = down(silu(gate x) * up x) with x [n, H], gate_up [2I, H] (gate rows, then up rows), down [H, I], all
    bf16 and row-major, y [n, H] bf16. The same rounding points as torch's bf16 `swiglu`: each GEMM sums in fp32
    and rounds its output to bf16, silu and the product are computed in fp32 and rounded to bf16. Only the
-   summation order of the dot products differs (AVX512-BF16 `vdpbf16ps`: bf16 pairs multiplied exactly, summed
-   into fp32 lanes, lanes reduced at the end), so results are deterministic: the same rows give the same bits.
-
-   Why: at a few tokens per expert the host tier is a weight-streaming job. torch's bf16 GEMM reorders the
-   (unpacked) weights on every call; this reads each weight once, straight from the host master, in blocks of
-   four rows (four sequential streams) against up to six token rows held in registers (4 x 6 accumulators).
-   Requires AVX512F + AVX512-BF16 at run time (tide_cpu_supported) and H, I multiples of 32 (checked by the
-   caller). Single-threaded: the executor's workers give the parallelism. */
+   summation order of the dot products differs, and each output row depends on its own input row only, so the
+   same rows give the same bits. Two ways to do the GEMMs (`amx` argument of tide_swiglu_bf16):
+   - AMX tiles (matmul_bt_amx): 16 weight rows x 32 values loaded straight from the row-major weights against
+     up to 16 token rows repacked in pairs;
+   - AVX512-BF16 `vdpbf16ps` (matmul_bt): blocks of four weight rows against up to six token rows held in
+     registers (4 x 6 accumulators), lanes reduced at the end.
+   Why: at a few tokens per expert the host tier is a weight-streaming job; these read each weight once, from
+   the host master as it lies, with no per-call repacking of the weights. Requires AVX512F + AVX512-BF16 (and
+   AMX-BF16 with the tile state granted for `amx`), see tide_cpu_features, and H, I multiples of 32 (checked
+   by the caller). Single-threaded: the executor's workers give the parallelism. */
 
 #include <cpuid.h>
 #include <immintrin.h>

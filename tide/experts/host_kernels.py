@@ -54,8 +54,13 @@ class CompiledSwiglu:
         return y
 
 
-def compile_library(cache: Path) -> ctypes.CDLL:
-    """The compiled host_kernel.c (built once per source version into `cache`); RuntimeError says why not."""
+def compile_library(cache: Path | None = None) -> ctypes.CDLL:
+    """The compiled host_kernel.c (built once per source version into `cache`, default .cache/host-kernels of
+    the checkout, else ~/.cache/tide/host-kernels); RuntimeError says why not."""
+    if cache is None:
+        from tide.hub import cache_dir
+
+        cache = cache_dir() / "host-kernels"
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler: {compiler!r} is not on PATH (set CC)")
@@ -79,8 +84,7 @@ def compile_library(cache: Path) -> ctypes.CDLL:
 def host_kernel(name: str, dtype: torch.dtype, hidden_size: int, moe_intermediate_size: int,
                 cache: Path | None = None) -> tuple[Callable[[Tensor, Tensor, Tensor], Tensor], str]:
     """(kernel, one line saying which and why) for `--host-kernel name`; a named kernel that cannot run here is a
-    ValueError that says why, `auto` falls back to torch and says why. `cache`: default .cache/host-kernels of
-    the checkout (or ~/.cache/tide/host-kernels)."""
+    ValueError that says why, `auto` falls back to torch and says why. `cache`: see compile_library."""
     if name not in HOST_KERNELS:
         raise ValueError(f"--host-kernel {name!r}: choose one of {', '.join(HOST_KERNELS)}")
     if name == "torch":
@@ -92,10 +96,6 @@ def host_kernel(name: str, dtype: torch.dtype, hidden_size: int, moe_intermediat
         if hidden_size % 32 or moe_intermediate_size % 32:
             raise RuntimeError(f"hidden_size ({hidden_size}) and moe_intermediate_size ({moe_intermediate_size}) "
                                "must be multiples of 32")
-        if cache is None:
-            from tide.hub import cache_dir
-
-            cache = cache_dir() / "host-kernels"
         library = compile_library(cache)
         features = library.tide_cpu_features()
         usable = [k for k in wanted if features & FEATURE_BIT[k]]
