@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,7 @@ class AccelerateExecutor:
                                    for layer in store.layers})
         self.counters = Counters()
         self.timing = False  # accepted for the engine; this peer times only its whole call (moe_s)
+        self.kernel_log: list[tuple[StepInfo, int, str]] | None = None  # as MoEExecutor's: every expert runs swiglu
         device = store.device
         if device.type == "cpu":
             cpu_offload(self.bank, execution_device=device)
@@ -63,6 +65,7 @@ class AccelerateExecutor:
     def warm_start(self) -> None:
         pass
 
+    @torch.no_grad()
     def __call__(self, layer: int, x: Tensor, ids: Tensor, weights: Tensor, at: StepInfo) -> Tensor:
         t0 = time.perf_counter()
         N, k = ids.shape
@@ -75,6 +78,8 @@ class AccelerateExecutor:
         for e, (s, t) in ranges.items():
             moved += not self._resident(layer, e)
             out[s:t] = experts[e](xs[s:t])  # accelerate's hook loads offloaded weights for this call
+        if self.kernel_log is not None:
+            self.kernel_log += [(replace(at, layer=layer), e, "swiglu") for e in ranges]
         result = combine(out, weights, order, x.dtype)
         self.counters.add_expert_tokens(layer, {e: c for e, c in enumerate(counts_list) if c})
         self.counters.records.append(LayerStep(

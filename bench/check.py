@@ -1,4 +1,10 @@
-"""CI regression checks on a bench run: what must hold on any machine, as ratios, never absolute times."""
+"""CI regression checks on a bench run: what the design promises on any machine, never absolute times.
+
+Promised: the lossless contract (levels a and b exactly, c within evals.lossless.TOLERANCE), no failed run, the CSV
+schema, and the planner's R no worse in modelled time than R = 1 and the largest R. Not promised, so reported and
+not checked: that TIDE moves fewer bytes than LRU or full offload (random weights have no temporal stability to
+exploit, and on real ones the planner may buy less CPU time with more copies): `bytes_report`.
+"""
 
 from __future__ import annotations
 
@@ -24,20 +30,12 @@ def check(bench: pd.DataFrame, context: dict, cost: CostModel) -> list[str]:
         where = f"{row.variant} at {row.budget} ({row.regime})"
         if row.lossless_level == "a" and not bool(row.identical_to_reference):  # level a: exact
             failures.append(f"{where} (no host tier) is not token-identical to {row.truth}")
-        if row.lossless_level == "b":
-            if not bool(row.identical_to_tier_matched):  # level b: exact against the tier-matched reference
-                failures.append(f"{where} is not token-identical to its tier-matched reference")
-            if row.top1_agreement < TOLERANCE.top1_agreement_min:  # level c: agreement within tolerance
-                failures.append(f"{where}: teacher-forced top-1 agreement with {row.truth} {row.top1_agreement:.3f} "
-                                f"< {TOLERANCE.top1_agreement_min}")
-    med = bench.groupby(["variant", "budget", "regime"]).bytes_h2d.median()
-    for (variant, budget, regime), tide_bytes in med.items():
-        if variant != "tide":
-            continue
-        for other in ("lru", "full-offload"):
-            if (other, budget, regime) in med and not tide_bytes < med[(other, budget, regime)]:
-                failures.append(f"tide moved {tide_bytes:.0f} bytes at {budget} ({regime}), not below {other}'s "
-                                f"{med[(other, budget, regime)]:.0f}")
+        if row.lossless_level == "b" and not bool(row.identical_to_tier_matched):  # level b: exact
+            failures.append(f"{where} is not token-identical to its tier-matched reference")
+        if row.lossless_level in ("b", "c"):  # level c: agreement with the all-device truth, pooled over prompts
+            why = TOLERANCE.top1_failure(int(row.top1_flips), int(row.top1_positions))
+            if why:
+                failures.append(f"{where} against {row.truth}: {why}")
     engine = context["engine"]
     for (budget, regime), (_, trace) in context["profiles"].items():
         steps = max((r.step + 1 for r in trace.records if r.kind == "denoise"), default=1)
@@ -47,3 +45,11 @@ def check(bench: pd.DataFrame, context: dict, cost: CostModel) -> list[str]:
             if chosen.objective_s > end.objective_s:
                 failures.append(f"planner chose R={sol.interval} at {budget} ({regime}), worse than R={end.interval}")
     return failures
+
+
+def bytes_report(bench: pd.DataFrame) -> list[str]:
+    """Host->device bytes per policy at each budget and regime (medians over repeats), one line each."""
+    bench = bench[bench.kind != "error"]
+    med = bench.groupby(["budget", "regime", "variant"], sort=False).bytes_h2d.median()
+    return [f"{budget} ({regime}): " + ", ".join(f"{v} {b / 1e9:.2f} GB" for v, b in grp.droplevel([0, 1]).items())
+            for (budget, regime), grp in med.groupby(level=[0, 1], sort=False)]

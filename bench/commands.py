@@ -9,7 +9,7 @@ import click
 
 from tide.config import DTYPES
 from tide.hub import MODEL_HELP
-from tide.options import cpu_threads_option, device_option, host_kernel_option
+from tide.options import cpu_threads_option, device_kernel_option, device_option, host_kernel_option
 
 
 @click.command()
@@ -28,6 +28,7 @@ from tide.options import cpu_threads_option, device_option, host_kernel_option
 @click.option("--dtype", type=click.Choice(DTYPES), default=None)
 @cpu_threads_option("Host-expert workers.")
 @host_kernel_option()
+@device_kernel_option()
 @click.option("--repeat", type=click.IntRange(min=1), default=2, show_default=True,
               help="Interleaved repeats of every run.")
 @click.option("--profile", "profile_path", type=click.Path(), default=None,
@@ -42,15 +43,15 @@ from tide.options import cpu_threads_option, device_option, host_kernel_option
 @click.option("--layers", type=int, default=None,
               help="With --model preset:NAME: that shape truncated to this many layers (e.g. mini at 4 layers).")
 def bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps, threshold, device,
-          dtype, cpu_threads, host_kernel, repeat, profile_path, refresh_interval, projections, out, check, chat,
-          layers) -> None:
+          dtype, cpu_threads, host_kernel, device_kernel, repeat, profile_path, refresh_interval, projections, out,
+          check, chat, layers) -> None:
     """Every policy side by side on one model: bench.csv, bench.md, bench.png, env.json under results/."""
     from tide.bench.runner import run_bench
 
     summary = run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps,
                         threshold, device, dtype, cpu_threads, repeat, profile_path, refresh_interval, projections,
                         out, check, command="tide " + " ".join(sys.argv[1:]), chat=chat, layers=layers,
-                        host_kernel=host_kernel)
+                        host_kernel=host_kernel, device_kernel=device_kernel)
     click.echo(json.dumps(summary))
     if summary.get("failures"):
         sys.exit(1)

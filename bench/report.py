@@ -30,6 +30,7 @@ def summarise(bench: pd.DataFrame) -> pd.DataFrame:
                 pairs_cpu=("pairs_cpu", "median"), moe_s=("moe_s", "median"),
                 level=("lossless_level", "first"), identical=("identical_to_reference", yes_no),
                 tier_matched=("identical_to_tier_matched", yes_no), top1=("top1_agreement", "min"),
+                top1_flips=("top1_flips", "max"), top1_positions=("top1_positions", "min"),
                 refresh_interval=("refresh_interval", "first")).reset_index()
     for base in BASELINES:
         col = f"x_vs_{base}"
@@ -84,7 +85,10 @@ def markdown(bench: pd.DataFrame, proj: pd.DataFrame | None, card: list[str], co
            "`x_vs_P`: tokens/s ratio to policy P at the same budget and regime. Lossless contract "
            f"(evals/lossless.py), against the ground truth **{first.truth}**: `level` a (no host tier: `identical` "
            "must be yes) or b (host tier: `tier_matched`, identity with the tier-matched reference, must be yes); "
-           "`top1`: teacher-forced top-1 agreement with the ground truth (level c; 1 on a CPU-only machine).", ""]
+           "or c (the grouped device kernel: agreement only); `top1`: teacher-forced top-1 agreement with the ground "
+           "truth over `top1_positions` positions pooled over the prompts, `top1_flips` the argmaxes that differ "
+           "(level c: a binomial test of a flip rate <= 1%, evals/lossless.py; 1 and 0 on a CPU-only machine in "
+           "float32).", ""]
     for regime, grp in s.groupby("regime", sort=False):
         shown = grp.assign(tokens_per_s=[f"{m:.2f} [{a:.2f}-{b:.2f}]" for m, a, b in
                                          zip(grp.tokens_per_s, grp.tps_min, grp.tps_max, strict=True)])

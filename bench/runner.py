@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from tide.bench import report
 from tide.bench.bounds import oracle_bound_s
+from tide.bench.check import bytes_report
 from tide.bench.check import check as run_checks
 from tide.bench.sweep import SweepSpec, projections, run_sweep, variants
 from tide.budget import BudgetSizes, slots_per_layer
@@ -58,7 +59,8 @@ def _csv(text: str) -> list[str]:
 
 def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps, threshold,
               device, dtype, cpu_threads, repeat, profile_path, refresh_interval, machines, out, check,
-              command: str, chat: bool = False, layers: int | None = None, host_kernel: str = "auto") -> dict:
+              command: str, chat: bool = False, layers: int | None = None, host_kernel: str = "auto",
+              device_kernel: str = "swiglu") -> dict:
     import tide.baselines  # noqa: F401  (registers the baseline policies)
     import tide.refresh  # noqa: F401
 
@@ -94,8 +96,9 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
     cost = load_or_calibrate(profile_path, cfg.hidden_size, cfg.moe_intermediate_size, torch_dtype(dtype, cfg),
                              device, cpu_threads, host_kernel)
     spec = SweepSpec(str(model), policy_list, budget_list, regime_list, prompts, decode, device, dtype, cpu_threads,
-                     repeat, cost, run_dir, tide_options, chat, host_kernel)
-    card = card_lines(spec, cfg, cost) + [f"host kernel: {kernel_note}"]
+                     repeat, cost, run_dir, tide_options, chat, host_kernel, device_kernel)
+    card = card_lines(spec, cfg, cost) + [f"host kernel: {kernel_note}; device kernel: {device_kernel}" + (
+        " (grouped GEMMs: every run is held to lossless level c)" if device_kernel == "grouped" else "")]
     for line in card:
         print(f"card: {line}")
     per_rep = sum(1 for p, _, _ in variants(policy_list) for _ in (budget_list if p != "reference" else [0]))
@@ -128,6 +131,8 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
                                 for r in rows if r["repeat"] == 0 and r.get("kind") != "error"}}
     if check:
         summary["failures"] = run_checks(bench_df, context, cost)
+        for line in bytes_report(bench_df):
+            print(f"bytes host->device (reported, not checked): {line}")
         for failure in summary["failures"]:
             print(f"CHECK FAILED: {failure}")
         print("bench checks: " + ("all hold" if not summary["failures"] else f"{len(summary['failures'])} failed"))

@@ -18,6 +18,8 @@ import threading
 import click
 import pandas as pd
 
+from tide.options import device_option
+
 POLICIES = "reference,full-offload,lru,cpu-fallback,accelerate,tide"
 
 
@@ -38,7 +40,7 @@ def process_stats(device) -> dict[str, float]:
 @click.option("--per-config", type=click.IntRange(min=1), default=5, show_default=True,
               help="Requests before the engine is reconfigured.")
 @click.option("--gen-length", default=32, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@device_option()
 @click.option("--rss-slack-mb", default=64.0, show_default=True, help="Allowed RSS growth after the warm-up pass.")
 @click.option("--out", default=None, help="Run directory (default: results/<date>-<host>-soak).")
 def main(model, requests, policies, budgets, per_config, gen_length, device, rss_slack_mb, out) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from tide.options import device_option
 from tide.planner import drift_stats, sub_trace, top_set
 from tide.trace import RoutingTrace
 
@@ -247,7 +248,7 @@ def plot(df: pd.DataFrame, regimes: list[str], sizes: list[int], out: Path) -> N
 @click.option("--steps", default=32, show_default=True, help="Denoising steps per block at most.")
 @click.option("--threshold", default=0.95, show_default=True, help="Commit confidence threshold.")
 @click.option("--out", default=None, help="Output directory, new or empty (default: results/stability).")
-@click.option("--device", default="cpu", show_default=True, help="Where the model runs.")
+@device_option("Where the model runs (cpu, cuda, cuda:N).")
 def stability(model: str | None, prompts_path: str | None, gen_length: int, block_length: int, steps: int,
               threshold: float, out: str | None, device: str) -> None:
     """Routing stability across denoising steps, both regimes, reference policy (issue #7 part 5)."""

@@ -42,7 +42,8 @@ COLUMNS = ["policy", "variant", "budget", "slots_per_layer", "budget_bytes", "re
            "moe_intermediate_size", "expert_bytes", "dtype", "device", "cpu_threads", "host_kernel",
            # the lossless contract (evals/lossless.py): level a or b, and level c's agreement with the ground truth
            "truth", "lossless_level", "identical_to_tier_matched", "token_agreement", "first_divergence",
-           "logits_max_abs_diff", "top1_agreement", "peak_gpu_reserved_bytes", "error"]
+           "logits_max_abs_diff", "top1_agreement", "peak_gpu_reserved_bytes", "error", "top1_flips", "top1_positions",
+           "device_kernel"]
 
 
 @dataclass
@@ -62,6 +63,7 @@ class SweepSpec:
     tide_options: dict = field(default_factory=dict)
     chat: bool = False  # prompts wrapped in the tokenizer's chat template
     host_kernel: str = "auto"  # tide.experts.host_kernels
+    device_kernel: str = "swiglu"  # tide.experts.executor: swiglu (levels a, b by construction) or grouped (c)
 
 
 def variants(policies: list[str]) -> list[tuple[str, str, dict]]:
@@ -89,14 +91,15 @@ def run_sweep(spec: SweepSpec, on_row: Callable[[dict], None] | None = None) -> 
     runs = variants(spec.policies)
     first_budget = spec.budgets[0]
     engine = load(spec.model, policy="lru", gpu_budget=first_budget, device=spec.device, dtype=spec.dtype,
-                  cpu_threads=spec.cpu_threads, host_kernel=spec.host_kernel)
+                  cpu_threads=spec.cpu_threads, host_kernel=spec.host_kernel, device_kernel=spec.device_kernel)
     prompts = [engine.encode(p, spec.chat) for p in spec.prompts]
     hw = stamp(spec.device, spec.cpu_threads)
     cfg = engine.config
     shape = {"model": str(spec.model), "num_hidden_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
              "num_experts": cfg.num_experts, "moe_intermediate_size": cfg.moe_intermediate_size,
              "expert_bytes": engine.store.expert_bytes, "dtype": str(engine.store.dtype).removeprefix("torch."),
-             "device": spec.device, "cpu_threads": spec.cpu_threads, "host_kernel": kernel_name(engine.host_kernel)}
+             "device": spec.device, "cpu_threads": spec.cpu_threads, "host_kernel": kernel_name(engine.host_kernel),
+             "device_kernel": engine.device_kernel}
     truth, note = ground_truth(engine, [p for p, _, _ in runs])
     if note:
         print(f"note: {note}")
@@ -172,7 +175,7 @@ def contract(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig, row: d
     if policy == truth and key not in reference:
         probes = [teacher_forced_logits(engine, p, t, cfg.block_length) for p, t in zip(prompts, tokens, strict=True)]
         reference[key] = (tokens, probes)
-    out = {"truth": truth, "lossless_level": level(row["pairs_cpu"])}
+    out = {"truth": truth, "lossless_level": level(row["pairs_cpu"], engine.device_kernel)}
     if key not in reference:
         return out
     truth_tokens, truth_probes = reference[key]
@@ -180,10 +183,12 @@ def contract(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig, row: d
     firsts = [f for _, f in agreement if f is not None]
     logits = [compare_logits(t, teacher_forced_logits(engine, p, tt, cfg.block_length))
               for p, t, tt in zip(prompts, truth_probes, truth_tokens, strict=True)]
+    flips, positions = sum(f for _, f, _ in logits), sum(n for _, _, n in logits)  # pooled over the prompts
     out.update(identical_to_reference=tokens == truth_tokens, first_divergence=min(firsts, default=None),
                token_agreement=sum(a for a, _ in agreement) / len(agreement),
-               logits_max_abs_diff=max(d for d, _ in logits), top1_agreement=min(t for _, t in logits))
-    if out["lossless_level"] == "b":  # replay the recorded host sets: same experts on the same tier
+               logits_max_abs_diff=max(d for d, _, _ in logits), top1_flips=flips, top1_positions=positions,
+               top1_agreement=1 - flips / positions if positions else None)
+    if row["pairs_cpu"]:  # replay the recorded host sets: same experts on the same tier (level b; reported at c)
         from tide.baselines.tier_matched import TierMismatch
 
         engine.configure("tier-matched", budget, host_log=host_log)

@@ -246,12 +246,14 @@ def _load_engine(pretrained: str | None, policy: str, gpu_budget: str | None, de
     import tide.baselines  # noqa: F401  (registers the baseline policies)
     import tide.refresh  # noqa: F401
     from tide.config import parse_refresh_interval
+    from tide.device import resolve_device
     from tide.engine import load, torch_dtype
     from tide.hub import resolve_model
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"tide: device {device!r} but CUDA is not available here (lm-eval's --device defaults to "
                          "cuda:0: pass --device cpu)")
+    device = str(resolve_device(device))  # indexed, as the engine and the calibration use it
     path = resolve_model(pretrained)
     options: dict[str, Any] = {}
     if policy == "tide":

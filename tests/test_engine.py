@@ -78,3 +78,23 @@ def test_truncated_presets_are_written_at_their_size(tmp_path, monkeypatch):
     assert (path / "tokenizer.json").is_file()
     with pytest.raises(ValueError, match="only a preset:NAME model can be truncated"):
         hub.resolve_model(str(path), layers=2)
+
+
+@pytest.mark.parametrize("policy,options", [("reference", {}), ("lru", {}), ("full-offload", {}), ("accelerate", {}),
+                                            ("cpu-fallback", {"cpu_threads": 2}), ("tide", {"refresh_interval": 2})])
+def test_every_inference_entry_point_runs_without_autograd_whatever_the_caller(tiny_dir, policy, options):
+    """Under the caller's grad mode (enabled here, as in a plain script), the model called directly, a run and the
+    teacher-forced probe all work, hold no graph, and no weight asks for a gradient. The host workers' threads
+    included: grad mode is per thread."""
+    from tide.evals.lossless import teacher_forced_logits
+    from tide.policy import StepInfo
+
+    engine = load(tiny_dir, policy=policy, gpu_budget=None if policy == "reference" else "4/layer", **options)
+    assert not any(p.requires_grad for p in engine.model.parameters())
+    ids = engine.encode("def add(a, b):")
+    with torch.enable_grad():
+        logits = engine.model(torch.tensor([ids]), 0, None, at=StepInfo(0, 0))
+        tokens = engine.run(ids, CFG)["tokens"]
+        probe = teacher_forced_logits(engine, ids, tokens, 8)
+    assert tokens and not logits.requires_grad and not probe.requires_grad
+    assert engine.executor.counters.records[-1].pairs_cpu or policy not in ("cpu-fallback",)

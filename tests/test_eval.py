@@ -13,12 +13,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import tide.baselines  # noqa: F401
-from tide.cli import main
-from tide.engine import load
-from tide.evals.harness import EvalSpec, run_eval, task_manager
-from tide.evals.lm_eval_model import TideLM
-from tide.hub import BUILTIN_MODEL
+pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install .[dev])")
+
+import tide.baselines  # noqa: E402, F401
+from tide.cli import main  # noqa: E402
+from tide.engine import load  # noqa: E402
+from tide.evals.harness import EvalSpec, run_eval, task_manager  # noqa: E402
+from tide.evals.lm_eval_model import TideLM  # noqa: E402
+from tide.hub import BUILTIN_MODEL  # noqa: E402
 
 TASKS = ["tide_arith", "tide_arith_mc"]
 TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"

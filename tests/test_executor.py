@@ -12,13 +12,13 @@ from tide.policy import PlanError, PolicyContext, StepInfo, make_policy
 CFG = preset("tiny")
 
 
-def setup(policy="cpu-fallback", slots=4, threads=1, popularity=None, dtype=torch.float64):
+def setup(policy="cpu-fallback", slots=4, threads=1, popularity=None, dtype=torch.float64, device_kernel="swiglu"):
     store = ExpertStore(CFG, slots, "cpu", dtype)
     g = torch.Generator().manual_seed(0)
     for layer in store.layers:
         store.host[layer].copy_(torch.randn(store.host[layer].shape, generator=g, dtype=torch.float64) * 0.1)
     ctx = PolicyContext(CFG.num_experts, tuple(CFG.moe_layers), slots, popularity or {1: {}, 2: {}})
-    ex = MoEExecutor(store, make_policy(policy, ctx), cpu_threads=threads)
+    ex = MoEExecutor(store, make_policy(policy, ctx), cpu_threads=threads, device_kernel=device_kernel)
     ex.warm_start()
     return store, ex
 
@@ -80,7 +80,8 @@ def test_broken_policy_fails_loudly_with_name_and_layer():
 
 def test_one_host_read_per_layer_forward_and_no_syncing_ops(monkeypatch):
     """The counts are the only device-to-host read of a layer-forward (a CPU proxy for the CUDA sync count):
-    read_counts runs once per call, and no op that syncs on CUDA (bincount, nonzero, item, unique) runs."""
+    read_counts runs once per call, the executor counts exactly one wait per call, and no op that syncs on CUDA
+    (bincount, nonzero, item, unique) runs."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     store, ex = setup("cpu-fallback", slots=4, threads=2, popularity={1: {0: 9, 1: 8}, 2: {3: 5}})
@@ -101,6 +102,7 @@ def test_one_host_read_per_layer_forward_and_no_syncing_ops(monkeypatch):
         ex(1, x, ids, w, StepInfo(0, 0))
         ex(2, x, ids, w, StepInfo(0, 0))
     assert len(reads) == 2 and ex.counters.records[0].pairs_cpu > 0  # the host tier was used
+    assert ex.syncs == 2
     assert not syncing & set(seen), syncing & set(seen)
 
 
@@ -115,16 +117,43 @@ def test_host_log_records_each_calls_host_experts():
 
 
 @pytest.mark.parametrize("policy,slots", [("reference", 16), ("lru", 5)])
-def test_grouped_device_tier_equals_per_expert_bits(policy, slots):
-    store, ex = setup(policy, slots=slots, dtype=torch.float32)
-    assert ex.grouped  # torch's CPU build has _grouped_mm for float32 and bfloat16 (not float64)
+def test_grouped_device_tier_equals_per_expert_bits_on_the_cpu(policy, slots):
+    """On the CPU torch's grouped GEMM is a loop of mm: the opt-in grouped tier gives swiglu's bits here (on a GPU
+    it is promised level c only: tide/experts/executor.py)."""
     x, ids, w = routing(n=12)
     x = x.float()
-    grouped = [ex(layer, x, ids, w, StepInfo(0, 0)) for layer in (1, 2)]
-    ex.grouped = False
-    per_expert = [ex(layer, x, ids, w, StepInfo(0, 1)) for layer in (1, 2)]
-    for a, b in zip(grouped, per_expert, strict=True):
+    outs = []
+    for kernel in ("grouped", "swiglu"):  # torch's CPU build has _grouped_mm for float32 and bfloat16
+        store, ex = setup(policy, slots=slots, dtype=torch.float32, device_kernel=kernel)
+        outs.append([ex(layer, x, ids, w, StepInfo(0, 0)) for layer in (1, 2)])
+    for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_every_device_expert_of_every_policy_runs_one_kernel():
+    """Levels a and b rest on this by construction: resident, fetched and streamed experts, in every policy and in
+    the tier-matched replay, run `swiglu` on their own rows; host experts run the host kernel."""
+    x, ids, w = routing(n=12)
+    for policy, slots in (("reference", 16), ("lru", 3), ("full-offload", 2), ("cpu-fallback", 4)):
+        store, ex = setup(policy, slots=slots, popularity={1: {0: 9, 1: 8}, 2: {3: 5}})
+        ex.kernel_log = []
+        ex(1, x, ids, w, StepInfo(0, 0))
+        ran = {e: k for _, e, k in ex.kernel_log}
+        assert sorted(ran) == sorted(set(ids.reshape(-1).tolist())), policy  # each routed expert once
+        device = {k for k in ran.values() if not k.startswith("host:")}
+        assert device == {"swiglu"}, (policy, device)
+        assert ex.counters.records[-1].pairs_cpu == 0 or "host:torch" in ran.values()
+    store, ex = setup("cpu-fallback", popularity={1: {0: 9, 1: 8}, 2: {3: 5}})
+    ex.host_log = []
+    ex(1, x, ids, w, StepInfo(0, 0))
+    ex.policy, ex.kernel_log = make_policy("tier-matched", PolicyContext(CFG.num_experts, (1, 2), 4),
+                                           host_log=ex.host_log), []
+    ex.warm_start()  # the replay's own (empty) resident set
+    ex(1, x, ids, w, StepInfo(0, 0))
+    assert {k for _, e, k in ex.kernel_log if e not in ex.host_log[0][1]} == {"swiglu"}
+    store, ex = setup("lru", slots=2)
+    with pytest.raises(ValueError, match="device_kernel 'fast'"):
+        MoEExecutor(store, ex.policy, device_kernel="fast")
 
 
 def count_ops(ex, x, ids, w) -> int:
@@ -134,8 +163,9 @@ def count_ops(ex, x, ids, w) -> int:
 
 
 def test_ops_per_layer_forward_do_not_grow_with_device_experts():
-    """The device tier is not launch-bound: a layer-forward costs the same ops for 4 or 16 resident experts."""
-    store, ex = setup("reference", slots=16, dtype=torch.float32)
+    """The opt-in grouped device tier is not launch-bound: a layer-forward costs the same ops for 4 or 16 resident
+    experts."""
+    store, ex = setup("reference", slots=16, dtype=torch.float32, device_kernel="grouped")
     g = torch.Generator().manual_seed(2)
     x = torch.randn(16, CFG.hidden_size, generator=g)
     w = torch.rand(16, CFG.num_experts_per_tok, generator=g)
@@ -144,5 +174,5 @@ def test_ops_per_layer_forward_do_not_grow_with_device_experts():
     assert len(many.unique()) == 16
     n_few, n_many = count_ops(ex, x, few, w), count_ops(ex, x, many, w)
     assert n_few == n_many <= 40, (n_few, n_many)
-    ex.grouped = False
+    ex.device_kernel = "swiglu"
     assert count_ops(ex, x, many, w) > n_many + 40  # per-expert calls: ~5 ops for each of 16 experts

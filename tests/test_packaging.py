@@ -1,14 +1,27 @@
-"""`pip install .` gives one import namespace with its data files, and results land in the current directory."""
+"""`pip install .` gives one import namespace with its data files, and results land in the current directory; a
+copy of the checkout without its links still has that namespace (make gpu-check runs from one)."""
 
+import os
 import shutil
 import subprocess
 import sys
 import zipfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def setuptools_major() -> int:
+    try:
+        return int(version("setuptools").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return 0
+
+
+@pytest.mark.skipif(setuptools_major() < 77, reason="building the wheel needs setuptools >= 77 (pip install .[dev])")
 def test_wheel_holds_one_namespace_with_its_data(tmp_path):
     leftover = not (ROOT / "build").exists()  # an in-tree build leaves build/ behind: remove what we made
     try:
@@ -43,3 +56,22 @@ def _build_and_probe(tmp_path):
                           env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(site / "tide")
+
+
+def test_a_copy_without_links_keeps_the_namespace_and_gpu_check_runs(tmp_path):
+    """tide/baselines, tide/bench, tide/evals are links; a tree copied without them (rsync --no-links, a checkout with
+    core.symlinks=false) still imports tide.bench & co. from the checkout's folders, and `make gpu-check`'s module
+    starts there."""
+    copy = tmp_path / "checkout"
+    skip_links = lambda folder, names: [n for n in names if os.path.islink(os.path.join(folder, n))]  # noqa: E731
+    for part in ("tide", "baselines", "bench", "evals"):
+        shutil.copytree(ROOT / part, copy / part, ignore=skip_links)
+    assert not (copy / "tide" / "bench").exists()
+    env = {"PYTHONPATH": str(copy), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CUDA_VISIBLE_DEVICES": ""}
+    probe = ("import tide.bench.gpu_check, tide.baselines.lru, tide.evals.lossless, tide.bench.sweep as s; "
+             f"assert s.__file__.startswith({str(copy / 'bench')!r})")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=copy, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-m", "tide.bench.gpu_check"], cwd=copy, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "no CUDA device" in done.stdout, done.stdout + done.stderr

@@ -1,5 +1,6 @@
 """`tide reproduce`: the paper's settings chosen from the config, the report, and a run on the built-in model."""
 
+import pytest
 from click.testing import CliRunner
 
 from tide.cli import main
@@ -33,6 +34,7 @@ def test_report_puts_the_papers_figures_beside_ours_labelled_second_hand():
 
 
 def test_reproduce_on_the_built_in_model_writes_its_report(tmp_path):
+    pytest.importorskip("lm_eval", reason="tide reproduce runs lm-eval: it is not installed (pip install .[dev])")
     out = tmp_path / "r"
     res = CliRunner().invoke(main, ["--threads", "1", "reproduce", "--limit", "2", "--policies", "reference,lru,tide",
                                     "--regimes", "block-kv", "--out", str(out)], catch_exceptions=False)

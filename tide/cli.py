@@ -95,7 +95,13 @@ def generate(model_dir: str, prompt: str | None, prompt_ids: str | None, as_json
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt or --prompt-ids")
     if trace_path:
+        from tide.trace import check_trace_path
+
         output_file(trace_path, (".jsonl", ".parquet"), "--trace")
+        try:
+            check_trace_path(trace_path)
+        except ValueError as err:
+            raise click.UsageError(f"--trace: {err}") from None
     model_dir = _model(model_dir)
     chat = kw.pop("chat")
     decode = {k: kw.pop(k) for k in DECODE_FLAGS}
@@ -188,7 +194,8 @@ def _load(model_dir: str | Path, kw: dict, **extra):
     options = policy_options(kw, model_dir)
     engine = load(model_dir, policy=kw["policy"], gpu_budget=kw["gpu_budget"], device=kw["device"], dtype=kw["dtype"],
                   cpu_threads=kw["cpu_threads"], check_finite=kw.pop("check_finite", True),
-                  host_kernel=kw.get("host_kernel", "auto"), **options, **extra)
+                  host_kernel=kw.get("host_kernel", "auto"), device_kernel=kw.get("device_kernel", "swiglu"),
+                  **options, **extra)
     for note in engine.notes:
         click.echo(f"note: {note}", err=True)
     return engine
@@ -222,8 +229,12 @@ def _parse_ids(text: str) -> list[int]:
               help="Write a labelled estimate from published rates instead of measuring.")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
               help="Timed repetitions per point (median reported).")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=1024, show_default=True,
+              help="Largest token count measured (1, 2, 4, ... up to it); beyond it the cost model extrapolates "
+                   "linearly. A host expert at 1024 tokens is ~13 GFLOP at mini's shape: lower it for a quick run.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Profile JSON to write.")
-def calibrate(model_dir, preset_name, device, dtype, cpu_threads, host_kernel, estimate, repeats, out) -> None:
+def calibrate(model_dir, preset_name, device, dtype, cpu_threads, host_kernel, estimate, repeats, max_tokens,
+              out) -> None:
     """Measure this machine's expert copy and compute costs (or write an estimate) as a hardware profile."""
     from tide import calibrate as cal
     from tide.config import ModelConfig
@@ -235,8 +246,9 @@ def calibrate(model_dir, preset_name, device, dtype, cpu_threads, host_kernel, e
     if estimate:
         cost = cal.estimate(estimate, cfg.hidden_size, cfg.moe_intermediate_size, dt.itemsize)
     else:
-        cost = cal.calibrate(cfg.hidden_size, cfg.moe_intermediate_size, dt, device, cpu_threads, repeats=repeats,
-                             host_kernel=host_kernel)
+        tokens = tuple(n for n in cal.TOKENS if n <= max_tokens)
+        cost = cal.calibrate(cfg.hidden_size, cfg.moe_intermediate_size, dt, device, cpu_threads, tokens, repeats,
+                             host_kernel)
     cost.to_json(out)
     click.echo(f"wrote {out} ({cost.source}): fetch {cost.fetch_s() * 1e6:.1f} us/expert "
                f"({cost.h2d_bytes_per_s / 1e9:.1f} GB/s), CPU expert {cost.cpu_s(1) * 1e6:.1f} us at 1 token, "

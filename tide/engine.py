@@ -21,7 +21,8 @@ from tide.budget import BudgetSizes, slots_per_layer
 from tide.checkpoint import CheckpointReader, fill_store, load_model, load_tokenizer, read_generation_config
 from tide.config import DTYPES, DecodeConfig, ModelConfig, default_cpu_threads
 from tide.decode import Generation, generate
-from tide.experts.executor import MoEExecutor, swiglu
+from tide.device import resolve_device
+from tide.experts.executor import DEVICE_KERNELS, MoEExecutor, swiglu
 from tide.experts.host_kernels import host_kernel as choose_host_kernel
 from tide.experts.store import DeviceMemoryError, ExpertStore, free_bytes
 from tide.model import LLaDA2Model
@@ -48,6 +49,7 @@ class Engine:
     policy_name: str = "reference"
     decode_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
     host_kernel: Callable[[Tensor, Tensor, Tensor], Tensor] = swiglu  # host-tier experts (MoEExecutor)
+    device_kernel: str = "swiglu"  # device-tier experts (MoEExecutor): swiglu, or grouped (level c only)
 
     @property
     def config(self) -> ModelConfig:
@@ -147,10 +149,17 @@ class Engine:
         if hasattr(chosen, "build_executor"):  # a peer that brings its own executor (accelerate)
             self.executor = chosen.build_executor(self.store, self.cpu_threads)
         else:
-            self.executor = MoEExecutor(self.store, chosen, self.cpu_threads, self.host_kernel)
+            self.executor = MoEExecutor(self.store, chosen, self.cpu_threads, self.host_kernel, self.device_kernel)
         self.executor.warm_start()
         self.model.set_executor(self.executor)
         self.policy_name = policy
+
+    def close(self) -> None:
+        """Stop the workers and unpin the host master (after its copies are done). The engine is unusable after."""
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
+        self.store.close()
 
     def check_fit(self, slots: int, gpu_budget: str | None) -> None:
         """Refuse a device tier that cannot fit beside what is already on the device, in one sentence."""
@@ -248,46 +257,63 @@ PROFILE_PROMPTS = ("The quick brown fox jumps over the lazy dog.", "def add(a, b
 PROFILE_DECODE = DecodeConfig(gen_length=64, block_length=32, steps=32)
 
 
-def check_device(device: str) -> torch.device:
-    """The device, or a ValueError saying why it cannot run a model (cpu, cuda or cuda:N that exists)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"device {device!r} is not a device: use cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r}: TIDE runs on cpu or cuda (a {dev.type} device holds no runnable data)")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
+def check_memory(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, gpu_budget: str | None,
+                 staging: int) -> None:
+    """Refuse, before the first allocation, a load that cannot fit: the host master of the routed experts in host
+    memory; the non-expert weights and the expert tier for `gpu_budget` on the device (on a CPU, all three in host
+    memory). One sentence names every part, what it needs and what is free."""
+    with torch.device("meta"):
+        non_expert = sum(p.numel() for p in LLaDA2Model(cfg).parameters()) * dtype.itemsize
+    expert_bytes = cfg.expert_params * dtype.itemsize
+    layers = len(cfg.moe_layers)
+    slots = slots_per_layer(gpu_budget, BudgetSizes(cfg.num_experts, layers, expert_bytes, non_expert, staging))
+    tier = f"the expert tier ({slots}/layer and {staging} staging)"
+    parts = {"the host master of the routed experts": (torch.device("cpu"), layers * cfg.num_experts * expert_bytes),
+             f"the non-expert weights (embeddings of vocab_size {cfg.vocab_size} x hidden_size {cfg.hidden_size}, "
+             "attention, dense and shared MLPs)": (device, non_expert),
+             tier: (device, (slots * layers + staging) * expert_bytes)}
+    for where in {d for d, _ in parts.values()}:
+        need = sum(n for d, n in parts.values() if d == where)
+        free = free_bytes(where)
+        if need > free:
+            listed = ", ".join(f"{name} {n / 1e9:.2f} GB" for name, (d, n) in parts.items() if d == where)
+            place = "host memory" if where.type == "cpu" else str(where)
+            raise DeviceMemoryError(f"{need / 1e9:.2f} GB of {place} is needed ({listed}); {free / 1e9:.2f} GB is "
+                                    f"{'available' if where.type == 'cpu' else 'free there'}: nothing was loaded")
 
 
 def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = None, device: str = "cpu",
          dtype: str | None = None, cpu_threads: int | None = None, staging: int = 2,
          popularity: Mapping[int, Mapping[int, int]] | None = None, profile_prompts: list[list[int]] | None = None,
-         check_finite: bool = True, host_kernel: str = "auto", **policy_options: Any) -> Engine:
+         check_finite: bool = True, host_kernel: str = "auto", device_kernel: str = "swiglu",
+         **policy_options: Any) -> Engine:
     """Load a checkpoint directory and wire the named policy in (see Engine.configure; budgets: tide.budget).
-    Everything that can be refused is checked first: device, config, tokenizer, memory for the weights.
-    `host_kernel`: how host-tier experts are computed (tide.experts.host_kernels: auto, torch, amx-bf16, ...)."""
-    if check_device(device).type == "cuda":
-        torch.cuda.set_device(torch.device(device))  # events, streams and memory stats follow the engine's GPU
+    Everything that can be refused is checked first: device, config, tokenizer, memory for the weights and the
+    expert tier (`check_memory`), before anything is allocated.
+    `host_kernel`: how host-tier experts are computed (tide.experts.host_kernels: auto, torch, amx-bf16, ...);
+    `device_kernel`: how device-tier experts are (tide.experts.executor: swiglu, or grouped, held to level c)."""
+    if device_kernel not in DEVICE_KERNELS:
+        raise ValueError(f"device_kernel {device_kernel!r}: choose one of {', '.join(DEVICE_KERNELS)}")
+    dev = resolve_device(device)  # "cuda" -> "cuda:<current>": everything below sees an indexed device
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # events, streams and memory stats follow the engine's GPU
     cpu_threads = default_cpu_threads() if cpu_threads is None else cpu_threads
     if cpu_threads < 1:
         raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
     reader = CheckpointReader(path, check_finite)
     cfg = reader.config
     tokenizer = load_tokenizer(path, cfg.vocab_size)
-    kernel, kernel_note = choose_host_kernel(host_kernel, torch_dtype(dtype, cfg), cfg.hidden_size,
-                                             cfg.moe_intermediate_size)
-    model = load_model(reader, device, torch_dtype(dtype, cfg))
-    store = ExpertStore(cfg, 1, device, next(model.parameters()).dtype, staging, device_tier=False)
+    dt = torch_dtype(dtype, cfg)
+    kernel, kernel_note = choose_host_kernel(host_kernel, dt, cfg.hidden_size, cfg.moe_intermediate_size)
+    check_memory(cfg, dt, dev, gpu_budget, staging)
+    model = load_model(reader, dev, dt)
+    store = ExpertStore(cfg, 1, dev, dt, staging, device_tier=False)
     fill_store(reader, store)
     generation = read_generation_config(path)
     mask_id, eos_id, notes = special_ids(cfg, tokenizer, generation)
     notes.append(f"host kernel: {kernel_note}")
     engine = Engine(model, store, None, tokenizer, mask_id, eos_id, notes, cpu_threads, staging,
-                    decode_defaults=decode_defaults(generation), host_kernel=kernel)
+                    decode_defaults=decode_defaults(generation), host_kernel=kernel, device_kernel=device_kernel)
     engine.configure(policy, gpu_budget, popularity, profile_prompts, **policy_options)
     for note in notes:
         log.info(note)

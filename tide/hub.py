@@ -184,7 +184,8 @@ def preset_checkpoint(name: str, layers: int | None = None) -> Path:
     cfg = preset(name, **({"num_hidden_layers": layers} if layers is not None else {}))  # errors name the field
     path = cache_dir() / (f"{name}-{layers}layers-random" if layers is not None else f"{name}-random")
     if not (path / "config.json").is_file():
-        write_random_checkpoint(cfg, path, seed=0)
+        with model_dir_writer(path, overwrite=True) as tmp:  # whole or not at all: a killed write leaves no half model
+            write_random_checkpoint(cfg, tmp, seed=0)
     return path
 
 

@@ -11,13 +11,13 @@ from tide.config import DTYPES, HOST_KERNELS, REGIMES, default_cpu_threads
 
 
 def check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from tide.engine import check_device as check
+    """The device as the engine will use it: validated, and indexed ("cuda" -> "cuda:<current>")."""
+    from tide.device import resolve_device
 
     try:
-        check(value)
+        return str(resolve_device(value))
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
-    return value
 
 
 def device_option(help_text: str = "Where the model and resident experts live (cpu, cuda, cuda:N)."):
@@ -34,6 +34,15 @@ def host_kernel_option():
                         help="How host-tier experts are computed: torch's swiglu, or a compiled bf16 kernel "
                              "(amx-bf16, avx512-bf16; built with the C compiler on first use). auto: the first of "
                              "amx-bf16, avx512-bf16, torch that runs here for this dtype.")
+
+
+def device_kernel_option():
+    return click.option("--device-kernel", type=click.Choice(["swiglu", "grouped"]), default="swiglu",
+                        show_default=True,
+                        help="How device-tier experts are computed: swiglu (each expert's own GEMMs, resident or "
+                             "streamed alike: lossless levels a and b hold by construction) or grouped (two grouped "
+                             "GEMMs per layer for the resident experts, fewer launches; torch's grouped GEMM may "
+                             "round one expert differently depending on the others, so runs are held to level c).")
 
 
 def decode_options(f):
@@ -71,6 +80,7 @@ def runtime_options(f):
                           "Default: all experts."),
         cpu_threads_option("Worker threads for host-computed experts."),
         host_kernel_option(),
+        device_kernel_option(),
         click.option("--refresh-interval", default="auto", show_default=True,
                      help="tide: refresh the resident set every R denoising steps; 'auto' = chosen by the planner "
                           "from a profiling trace and the cost model."),

@@ -7,6 +7,7 @@ time without executing a single expert. Knows nothing about models or tensors.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -35,7 +36,7 @@ class RoutingTrace:
         self.records.append(TraceRecord(at.block, at.step, at.kind, at.layer, dict(counts)))
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
+        path = check_trace_path(path)
         rows = [{**asdict(r), "counts": {str(e): c for e, c in sorted(r.counts.items())}} for r in self.records]
         meta = {"num_experts": self.num_experts, "layers": self.layers}
         if path.suffix == ".parquet":
@@ -50,8 +51,6 @@ class RoutingTrace:
             with path.open("w") as f:
                 f.write(json.dumps({"meta": meta}) + "\n")
                 f.writelines(json.dumps(row) + "\n" for row in rows)
-        else:
-            raise ValueError(f"trace file {path}: use a .jsonl or .parquet name")
         return path
 
     @classmethod
@@ -138,3 +137,13 @@ def _prefetch(policy: Policy, layers: list[int], at: StepInfo, resident: dict[in
     check_plan(plan, {}, resident[nxt], slots, who=f"prefetch, layer {nxt}")
     resident[nxt] = (resident[nxt] - plan.evict) | plan.fetch
     return plan.fetch
+
+
+def check_trace_path(path: str | Path) -> Path:
+    """A trace file name this install can write (.jsonl always; .parquet with pyarrow), else a ValueError saying so."""
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"trace file {path}: use a .jsonl or .parquet name")
+    if path.suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise ValueError(f"trace file {path}: writing .parquet needs pyarrow (pip install pyarrow); .jsonl does not")
+    return path

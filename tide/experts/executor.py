@@ -3,16 +3,18 @@
 Per call: count tokens per expert (the layer's one device-to-host sync: the counts, copied once into pinned
 memory) -> policy.plan -> check_plan -> store.apply -> host experts to the CPU worker pool (their activations
 leave through a pinned buffer and an event the workers wait on; results return the same way, non-blocking)
--> device experts: the resident ones in two grouped GEMMs over the slot-stacked weights (a fixed number of ops
-per layer-forward, where torch has `_grouped_mm` for the device and dtype; else one `swiglu` each), then the
-streamed ones -> join -> combine. Counters are updated here and only here. Decides nothing about placement.
+-> device experts, resident or streamed, each through `swiglu` (the device kernel) -> join -> combine. Counters
+are updated here and only here. Decides nothing about placement. Runs without autograd, whatever the caller's
+grad mode (the workers' threads included: grad mode is per thread).
 
-Losslessness: every expert is computed by the same math on the same rows whatever its tier (the grouped GEMM
-computes each group as its own matmul: the reference, which uses it too, and every device-only policy get
-the same bits; tests/test_executor.py and tests/test_gpu.py check it; a compiled host kernel,
-tide.experts.host_kernels, sums in another order and is replayed by the tier-matched reference), and the
-combine is sort-and-scatter in expert-id order followed by a fixed-order sum over k, never index_add_ (whose
-CUDA atomics make the sum order, and so the rounding, vary run to run).
+Losslessness by construction: every device-tier expert of every policy, resident or streamed, and of the
+tier-matched replay, runs the same kernel (`swiglu`: one GEMM per projection over exactly that expert's rows),
+so the same rows give the same bits whatever the placement (level a), and host experts run the engine's host
+kernel, which the tier-matched reference replays (level b). `kernel_log` records which kernel ran each expert.
+`device_kernel="grouped"` (opt-in) runs the resident experts as two grouped GEMMs per layer-forward (a fixed
+number of ops); a grouped GEMM may tile a group differently depending on the others (CUTLASS on sm_90), so such
+runs are promised level c only. The combine is sort-and-scatter in expert-id order followed by a fixed-order sum
+over k, never index_add_ (whose CUDA atomics make the sum order, and so the rounding, vary run to run).
 """
 
 from __future__ import annotations
@@ -63,9 +65,17 @@ def swiglu(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
     return F.linear(F.silu(gate) * up, down)
 
 
+DEVICE_KERNELS = ("swiglu", "grouped")
+
+
 def grouped_mm_works(store: ExpertStore) -> bool:
-    """Whether torch's grouped GEMM runs on this device, dtype and slot-stacked layout (one small probe)."""
+    """Whether torch's grouped GEMM runs natively on this device, dtype and slot-stacked layout (one small probe).
+    On CUDA only bf16 on sm_90 and newer: elsewhere torch falls back to a loop that reads `offs` on the host, two
+    syncs per call, which would break the one-sync-per-layer rule."""
     if not hasattr(torch, "_grouped_mm"):
+        return False
+    if store.device.type == "cuda" and (store.dtype != torch.bfloat16
+                                        or torch.cuda.get_device_capability(store.device) < (9, 0)):
         return False
     I, H = store.inter, store.hidden
     probe = torch.zeros(2, 3 * I * H, dtype=store.dtype, device=store.device)
@@ -87,11 +97,18 @@ def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, cuda: bool) -> Tenso
 
 class MoEExecutor:
     def __init__(self, store: ExpertStore, policy: Policy, cpu_threads: int = 1,
-                 host_kernel: Callable[[Tensor, Tensor, Tensor], Tensor] = swiglu) -> None:
+                 host_kernel: Callable[[Tensor, Tensor, Tensor], Tensor] = swiglu,
+                 device_kernel: str = "swiglu") -> None:
         """`host_kernel` computes host-tier experts (the same `swiglu` as the device tier unless a test or a
-        faster host implementation supplies another: the tier-matched reference then uses it too)."""
+        faster host implementation supplies another: the tier-matched reference then uses it too).
+        `device_kernel`: "swiglu" (every device expert alone: levels a and b by construction) or "grouped"."""
         if cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
+        if device_kernel not in DEVICE_KERNELS:
+            raise ValueError(f"device_kernel {device_kernel!r}: choose one of {', '.join(DEVICE_KERNELS)}")
+        if device_kernel == "grouped" and not grouped_mm_works(store):
+            raise ValueError(f"device_kernel 'grouped': torch has no native grouped GEMM for {store.dtype} on "
+                             f"{store.device} (CUDA needs bf16 on sm_90 or newer): use 'swiglu'")
         self.store, self.policy, self.host_kernel = store, policy, host_kernel
         # Parallelism on the host comes from the workers: each computes its experts single-threaded, so
         # workers and the main thread never oversubscribe the cores with nested OpenMP teams.
@@ -102,8 +119,11 @@ class MoEExecutor:
         self.spans = Spans(store.device)
         self.trace: RoutingTrace | None = None  # set to record every layer-forward's routing
         self.host_log: list[tuple[StepInfo, frozenset[int]]] | None = None  # set to record each call's host experts
+        self.kernel_log: list[tuple[StepInfo, int, str]] | None = None  # set to record (at, expert, kernel) per expert
         self.cuda = store.device.type == "cuda"
-        self.grouped = grouped_mm_works(store)  # resident experts in grouped GEMMs where torch has them
+        self.syncs = 0  # host waits on the device issued by the calling thread (read_counts: one per layer-forward)
+        self.device_kernel = device_kernel
+        self.host_kernel_name = "host:" + getattr(host_kernel, "name", "torch")
 
     @property
     def timing(self) -> bool:
@@ -120,6 +140,7 @@ class MoEExecutor:
     def close(self) -> None:
         self.pool.shutdown(wait=True)
 
+    @torch.no_grad()
     def __call__(self, layer: int, x: Tensor, ids: Tensor, weights: Tensor, at: StepInfo) -> Tensor:
         t0 = time.perf_counter()
         start = self.spans.begin() if self.cuda else None
@@ -151,9 +172,9 @@ class MoEExecutor:
 
         with self.spans.span(rec, "gpu_expert_s"):
             resident = sorted(set(counts) - plan.cpu - plan.stream)
-            if self.grouped and resident:
+            if self.device_kernel == "grouped" and resident:
                 self._grouped(layer, xs, out, resident, starts)
-            elif not self.grouped:
+            else:
                 for e in resident:
                     s, t = starts[e]
                     out[s:t] = swiglu(xs[s:t], *store.gpu_weights(layer, e))
@@ -162,6 +183,9 @@ class MoEExecutor:
                 w, buf = store.stream_in(layer, e)
                 out[s:t] = swiglu(xs[s:t], *w)
                 store.stream_done(buf)
+        if self.kernel_log is not None:
+            ran = [(e, self.device_kernel) for e in resident] + [(e, "swiglu") for e in plan.stream]
+            self.kernel_log += [(at, e, k) for e, k in ran + [(e, self.host_kernel_name) for e in plan.cpu]]
 
         if host is not None:
             rows, y_host, futures = host
@@ -204,10 +228,13 @@ class MoEExecutor:
 
     def read_counts(self, flat_ids: Tensor) -> list[int]:
         """Tokens routed to each expert, on the host: counted on the device without a sync (scatter_add, not
-        bincount, which syncs on CUDA), then copied once into pinned memory and waited for."""
+        bincount, which syncs on CUDA), then copied once into pinned memory and waited for. That wait is the main
+        thread's only one in a layer-forward; it is counted in `syncs` (CUDA's sync debug mode cannot see an event
+        wait, so tests bound it exactly with this count and use the debug mode for every other kind)."""
         E = self.store.num_experts
         counts = torch.zeros(E, dtype=torch.int64, device=flat_ids.device)
         counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+        self.syncs += 1
         if not self.cuda:
             return counts.tolist()
         staged = host_buffer((E,), torch.int64, True)
@@ -252,6 +279,7 @@ class MoEExecutor:
         self.store.apply(nxt, plan)
         return len(plan.fetch)
 
+    @torch.no_grad()  # grad mode is per thread: the workers do not inherit the caller's
     def _host_expert(self, layer: int, expert: int, x: Tensor, y: Tensor, ready) -> tuple[float, float]:
         if ready is not None:
             ready.synchronize()  # this worker waits for the activations' copy; the main thread does not

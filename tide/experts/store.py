@@ -13,6 +13,7 @@ Shape legend: E num_experts, I moe_intermediate_size, H hidden_size, P = 3*I*H e
 
 from __future__ import annotations
 
+import ctypes
 import weakref
 
 import torch
@@ -35,15 +36,41 @@ def free_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def pin_in_place(t: Tensor, owner: object) -> None:
-    """Page-lock `t`'s memory where it is (exact size), unpinned again when `owner` is collected."""
-    cudart = torch.cuda.cudart()
-    nbytes = t.numel() * t.element_size()
-    err = cudart.cudaHostRegister(t.data_ptr(), nbytes, 0)
-    if int(err) != 0:
-        raise DeviceMemoryError(f"cannot page-lock {nbytes / 1e9:.2f} GB of host memory for the expert master "
-                                f"(cudaHostRegister error {int(err)}): raise the memlock limit (ulimit -l)")
-    weakref.finalize(owner, cudart.cudaHostUnregister, t.data_ptr())
+def clear_cuda_error() -> int | None:
+    """Reset CUDA's last error (cudaGetLastError, through the process's own libcudart: torch's binding lacks it), so
+    a failed runtime call is not reported by the next kernel launch as that launch's error. Returns the error it
+    cleared, or None where libcudart is not loaded (then the error stays latched)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            path = next((line.split()[-1] for line in maps if "libcudart.so" in line), None)
+    except OSError:
+        return None
+    return None if path is None else int(ctypes.CDLL(path).cudaGetLastError())
+
+
+class Pinned:
+    """Host memory page-locked in place (cudaHostRegister at its exact size). `release()` unregisters it; the owner's
+    collection does too, as a fallback."""
+
+    def __init__(self, t: Tensor, owner: object, what: str) -> None:
+        cudart = torch.cuda.cudart()
+        self.ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+        err = cudart.cudaHostRegister(self.ptr, nbytes, 0)
+        if int(err) != 0:
+            clear_cuda_error()
+            hint = ("raise the memlock limit (ulimit -l; in a container, --ulimit memlock=-1) or free host memory"
+                    if int(err) == 2 else "this host cannot page-lock ordinary memory here")
+            raise DeviceMemoryError(f"cannot page-lock {nbytes / 1e9:.2f} GB of host memory for {what}: "
+                                    f"cudaHostRegister returned {int(err)} ({cudart.cudaGetErrorString(err)}); {hint}")
+        self._finalizer = weakref.finalize(owner, Pinned._unregister, cudart, self.ptr)
+
+    @staticmethod
+    def _unregister(cudart, ptr: int) -> None:
+        if int(cudart.cudaHostUnregister(ptr)) != 0:
+            clear_cuda_error()  # e.g. at interpreter exit, after CUDA was torn down: nothing left to unpin
+
+    def release(self) -> None:
+        self._finalizer()  # runs once: a later release or the owner's collection does nothing
 
 
 class ExpertStore:
@@ -62,9 +89,8 @@ class ExpertStore:
             raise DeviceMemoryError(f"the host master of the routed experts needs {need / 1e9:.2f} GB of host "
                                     f"memory; {free / 1e9:.2f} GB is available")
         self.host = {layer: torch.empty(self.num_experts, self.numel, dtype=dtype) for layer in self.layers}
-        if cuda:
-            for arena in self.host.values():
-                pin_in_place(arena, self)
+        self._pins = [Pinned(arena, self, f"the expert master of layer {layer}")
+                      for layer, arena in self.host.items()] if cuda else []
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self.gpu: dict[int, Tensor] = {}
         self.ring = torch.empty(0, self.numel, dtype=dtype, device=self.device)
@@ -206,6 +232,13 @@ class ExpertStore:
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         self._ready[key] = event
+
+    def close(self) -> None:
+        """Unpin the host master once no copy can still read it (the copy stream is synchronised first)."""
+        self.sync()
+        for pin in self._pins:
+            pin.release()
+        self._pins = []
 
     def sync(self) -> None:
         if self.copy_stream is not None:
