@@ -39,7 +39,11 @@ def test_rows_schema_and_identity(sweep):
     assert levels["lru"] == levels["full-offload"] == "a" and levels["cpu-fallback"] == levels["tide"] == "b"
     host = bench[bench.lossless_level == "b"]
     assert host.identical_to_tier_matched.astype(bool).all()  # level b, replayed from each run's host sets
-    assert (bench.top1_agreement == 1.0).all() and (bench.logits_max_abs_diff == 0.0).all()  # CPU: one kernel
+    assert (bench.top1_agreement == 1.0).all()
+    # level a: one kernel, identity; level b: the host tier may run a compiled kernel (auto: avx2 in fp32), which
+    # sums in another order than torch's GEMM: fp32 rounding only
+    assert (bench[bench.lossless_level == "a"].logits_max_abs_diff == 0.0).all()
+    assert (host.logits_max_abs_diff < 1e-5).all()
     assert (bench.top1_positions == 16 * 16).all()  # every generated position of every prompt, pooled
     assert (bench.token_agreement == 1.0).all() and bench.first_divergence.isna().all()
     tide = bench[bench.variant == "tide"].iloc[0]

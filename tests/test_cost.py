@@ -62,6 +62,7 @@ def test_modelled_host_time_matches_the_executor():
     from tide.calibrate import calibrate
     from tide.config import default_cpu_threads, preset
     from tide.experts.executor import MoEExecutor
+    from tide.experts.host_kernels import host_kernel
     from tide.experts.store import ExpertStore
     from tide.policy import PolicyContext, StepInfo, make_policy
 
@@ -72,7 +73,8 @@ def test_modelled_host_time_matches_the_executor():
     for layer in store.layers:
         store.host[layer].normal_(std=0.02)
     ctx = PolicyContext(cfg.num_experts, tuple(cfg.moe_layers), 1, {layer: {0: 1} for layer in cfg.moe_layers})
-    ex = MoEExecutor(store, make_policy("cpu-fallback", ctx), cpu_threads=workers)
+    kernel, _ = host_kernel("auto", torch.float32, H, I)  # the kernel calibrate() timed
+    ex = MoEExecutor(store, make_policy("cpu-fallback", ctx), cpu_threads=workers, host_kernel=kernel)
     ex.warm_start()
     g = torch.Generator().manual_seed(0)
     measured, modelled = [], []

@@ -258,11 +258,17 @@ class MoEExecutor:
             ready = torch.cuda.Event()
             ready.record()
         y_host = host_buffer(tuple(x_host.shape), xs.dtype, self.cuda)
-        futures, at = [], 0
+        jobs, at = [], 0
         for e in experts:
             n = starts[e][1] - starts[e][0]
-            futures.append(self.pool.submit(self._host_expert, layer, e, x_host[at:at + n], y_host[at:at + n], ready))
+            jobs.append((e, x_host[at:at + n], y_host[at:at + n]))
             at += n
+        many = getattr(self.host_kernel, "many", None)
+        if many is None:  # one task per expert
+            futures = [self.pool.submit(self._host_expert, layer, e, x, y, ready) for e, x, y in jobs]
+        else:  # one job shared by the workers: no per-expert hand-off (README, "Host kernels")
+            job = many([(x, *self.store.host_weights(layer, e), y) for e, x, y in jobs])
+            futures = [self.pool.submit(self._host_share, job, ready) for _ in range(min(self.cpu_threads, len(jobs)))]
         return rows, y_host, futures
 
     def _prefetch(self, layer: int, at: StepInfo) -> int:
@@ -285,6 +291,15 @@ class MoEExecutor:
             ready.synchronize()  # this worker waits for the activations' copy; the main thread does not
         t0 = time.perf_counter()
         y.copy_(self.host_kernel(x, *self.store.host_weights(layer, expert)))
+        return t0, time.perf_counter()
+
+    @staticmethod
+    def _host_share(job: Callable[[], None], ready) -> tuple[float, float]:
+        """A worker's part of a shared host job (a kernel's `many`): it computes experts until none is left."""
+        if ready is not None:
+            ready.synchronize()
+        t0 = time.perf_counter()
+        job()
         return t0, time.perf_counter()
 
     def finish(self) -> Counters:

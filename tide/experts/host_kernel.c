@@ -1,47 +1,83 @@
-/* One SwiGLU expert on the host in bf16, for the host tier (tide/experts/host_kernels.py builds and loads it).
+/* One SwiGLU expert on the host, for the host tier (tide/experts/host_kernels.py builds and loads it).
 
-   y = down(silu(gate x) * up x) with x [n, H], gate_up [2I, H] (gate rows, then up rows), down [H, I], all
-   bf16 and row-major, y [n, H] bf16. The same rounding points as torch's bf16 `swiglu`: each GEMM sums in fp32
-   and rounds its output to bf16, silu and the product are computed in fp32 and rounded to bf16. Only the
-   summation order of the dot products differs, and each output row depends on its own input row only, so the
-   same rows give the same bits. Two ways to do the GEMMs (`amx` argument of tide_swiglu_bf16):
-   - AMX tiles (matmul_bt_amx): 16 weight rows x 32 values loaded straight from the row-major weights against
-     up to 16 token rows repacked in pairs;
-   - AVX512-BF16 `vdpbf16ps` (matmul_bt): blocks of four weight rows against up to six token rows held in
-     registers (4 x 6 accumulators), lanes reduced at the end.
-   Why: at a few tokens per expert the host tier is a weight-streaming job; these read each weight once, from
-   the host master as it lies, with no per-call repacking of the weights. Requires AVX512F + AVX512-BF16 (and
-   AMX-BF16 with the tile state granted for `amx`), see tide_cpu_features, and H, I multiples of 32 (checked
-   by the caller). Single-threaded: the executor's workers give the parallelism. */
+   y = down(silu(gate x) * up x) with x [n, H], gate_up [2I, H] (gate rows, then up rows), down [H, I], row-major.
+   bf16 (tide_swiglu_bf16): the same rounding points as torch's bf16 `swiglu`: each GEMM sums in fp32 and rounds
+   its output to bf16, silu and the product are computed in fp32 and each rounded to bf16. fp32
+   (tide_swiglu_f32): no rounding between the steps. Only the summation order of the dot products differs from
+   torch, and each output row depends on its own input row only, so the same rows give the same bits.
+
+   One source, three builds (host_kernels.py passes the flags; tide_build() names the one loaded):
+   - "avx512" (AVX-512F/BW/VL/BF16, AMX-TILE/BF16): all three GEMMs below;
+   - "avx2" (AVX2 + FMA): the FMA GEMM on 8-lane vectors;
+   - "scalar" (no flags): the FMA GEMM on an 8-float struct with fmaf, the same operations in the same order as
+     the avx2 build, so its results are the same bits: it tests the FMA kernel's logic on any machine.
+   The GEMMs (`gemm` argument of tide_swiglu_bf16):
+   - 0, FMA: bf16 weights widened to fp32 in registers (even and odd elements of 16, by shift and mask), blocks
+     of ROWS weight rows x up to TOKENS token rows of fp32 accumulators, the token rows pre-widened once per call
+     in the same even/odd order; the next block's rows are prefetched into L2 while a block computes;
+   - 1, AVX512-BF16 `vdpbf16ps`: blocks of four weight rows against up to six token rows;
+   - 2, AMX tiles: 32 weight rows x 32 values loaded straight from the row-major weights against two groups of up
+     to 16 token rows repacked in pairs.
+   Why: at a few tokens per expert the host tier is a weight-streaming job; these read each weight once, from the
+   host master as it lies, with no per-call repacking of the weights. H and I must be multiples of 32 (checked by
+   the caller). Single-threaded: the executor's workers give the parallelism. */
 
 #include <cpuid.h>
-#include <immintrin.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AMX_BF16__)
+#define BUILD "avx512"
+#elif defined(__AVX2__) && defined(__FMA__)
+#define BUILD "avx2"
+#else
+#define BUILD "scalar"
+#endif
 
 typedef uint16_t bf16_t;
+typedef uint32_t __attribute__((may_alias)) pair_t; /* two bf16 moved as one */
 
-#define ROWS 4       /* weight rows per block: accumulators ROWS x MAX_TOKENS stay in the 32 zmm registers */
-#define MAX_TOKENS 6
+const char *tide_build(void) { return BUILD; }
+
+/* ---- CPU features ---------------------------------------------------------------------------------------- */
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-/* Bit 0: AVX512F + AVX512-BF16 usable; bit 1: AMX-BF16 usable (CPU has it and the kernel granted this process
-   the tile state). Call once per process before tide_swiglu_bf16. */
-int tide_cpu_features(void) {
-    unsigned a, b, c, d, a1 = 0, b1, c1, d1;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
-    int avx512_bf16 = (b >> 16 & 1) && (a1 >> 5 & 1);          /* AVX512F, AVX512_BF16 */
-    int amx = (d >> 24 & 1) && (d >> 22 & 1)                   /* AMX-TILE, AMX-BF16 */
-              && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-    return avx512_bf16 | (amx && avx512_bf16) << 1;
+static uint64_t xcr0(void) { /* the register state the OS saves (needs OSXSAVE, checked by the caller) */
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (uint64_t)hi << 32 | lo;
 }
+
+/* Bits: 1 AVX512-BF16 usable (with AVX512F/BW/VL), 2 AMX-BF16 usable (the kernel granted this process the tile
+   state), 4 AVX2 + FMA usable, 8 AVX512F/BW/VL usable; "usable": the CPU has the instructions and the OS saves
+   their registers. Call once per process before the kernels (the AMX grant is per process). */
+int tide_cpu_features(void) {
+    unsigned a, b, c, d, a7 = 0, b7 = 0, c7 = 0, d7 = 0, a71 = 0, b71, c71, d71;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c >> 27 & 1)) return 0; /* OSXSAVE */
+    int fma = c >> 12 & 1;
+    uint64_t saved = xcr0();
+    int ymm = (saved & 0x6) == 0x6, zmm = ymm && (saved & 0xe0) == 0xe0;
+    if (!__get_cpuid_count(7, 0, &a7, &b7, &c7, &d7)) return 0;
+    if (a7 >= 1) __get_cpuid_count(7, 1, &a71, &b71, &c71, &d71);
+    int avx2 = ymm && fma && (b7 >> 5 & 1);
+    int avx512 = avx2 && zmm && (b7 >> 16 & 1) && (b7 >> 30 & 1) && (b7 >> 31 & 1); /* F, BW, VL */
+    int avx512_bf16 = avx512 && (a71 >> 5 & 1);
+    int amx = avx512_bf16 && (d7 >> 24 & 1) && (d7 >> 22 & 1) /* AMX-TILE, AMX-BF16 */
+              && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return avx512_bf16 | amx << 1 | avx2 << 2 | avx512 << 3;
+}
+
+/* ---- bf16 -------------------------------------------------------------------------------------------------- */
 
 static inline float bf16_to_float(bf16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -57,11 +93,191 @@ static inline bf16_t float_to_bf16(float f) { /* round to nearest even, NaN kept
     return (bf16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* out[t, o0 + r] = sum_k w[o0 + r, k] * x[t0 + t, k] for r < ROWS, t < tokens (a compile-time constant). */
-static inline __attribute__((always_inline)) void block(const bf16_t *w, const bf16_t *x, float *out, int64_t O,
-                                                         int64_t K, int64_t o0, int64_t t0, const int tokens) {
-    __m512 acc[ROWS][MAX_TOKENS];
+static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+/* ---- 8 fp32 lanes: ymm with AVX2 + FMA, else a struct with the same operations, lane by lane ------------------ */
+
+#if defined(__AVX2__) && defined(__FMA__)
+typedef __m256 v8;
+static inline v8 v8_zero(void) { return _mm256_setzero_ps(); }
+static inline v8 v8_set1(float f) { return _mm256_set1_ps(f); }
+static inline v8 v8_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline void v8_store(float *p, v8 v) { _mm256_storeu_ps(p, v); }
+static inline v8 v8_fma(v8 a, v8 b, v8 c) { return _mm256_fmadd_ps(a, b, c); } /* a * b + c, one rounding */
+static inline v8 v8_add(v8 a, v8 b) { return _mm256_add_ps(a, b); }
+static inline v8 v8_mul(v8 a, v8 b) { return _mm256_mul_ps(a, b); }
+static inline v8 v8_div(v8 a, v8 b) { return _mm256_div_ps(a, b); }
+static inline v8 v8_min(v8 a, v8 b) { return _mm256_min_ps(a, b); }
+static inline v8 v8_max(v8 a, v8 b) { return _mm256_max_ps(a, b); }
+static inline v8 v8_round(v8 a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline v8 v8_scale2(v8 p, v8 n) { /* p * 2^n for integral n keeping p's exponent in range: exponent add */
+    __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+static inline v8 v8_bf16_even(const bf16_t *p) { /* p[0], p[2], ..., p[14] as fp32 */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)p), 16));
+}
+static inline v8 v8_bf16_odd(const bf16_t *p) { /* p[1], p[3], ..., p[15] as fp32 */
+    __m256i u = _mm256_loadu_si256((const __m256i *)p);
+    return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
+}
+static inline float v8_sum(v8 v) { /* ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)) */
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 h = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+#else
+typedef struct { float f[8]; } v8;
+#define LANES(expr) do { for (int l = 0; l < 8; l++) { expr; } } while (0)
+static inline v8 v8_zero(void) { v8 r; LANES(r.f[l] = 0.0f); return r; }
+static inline v8 v8_set1(float f) { v8 r; LANES(r.f[l] = f); return r; }
+static inline v8 v8_load(const float *p) { v8 r; memcpy(r.f, p, sizeof r.f); return r; }
+static inline void v8_store(float *p, v8 v) { memcpy(p, v.f, sizeof v.f); }
+static inline v8 v8_fma(v8 a, v8 b, v8 c) { v8 r; LANES(r.f[l] = fmaf(a.f[l], b.f[l], c.f[l])); return r; }
+static inline v8 v8_add(v8 a, v8 b) { v8 r; LANES(r.f[l] = a.f[l] + b.f[l]); return r; }
+static inline v8 v8_mul(v8 a, v8 b) { v8 r; LANES(r.f[l] = a.f[l] * b.f[l]); return r; }
+static inline v8 v8_div(v8 a, v8 b) { v8 r; LANES(r.f[l] = a.f[l] / b.f[l]); return r; }
+static inline v8 v8_min(v8 a, v8 b) { v8 r; LANES(r.f[l] = a.f[l] < b.f[l] ? a.f[l] : b.f[l]); return r; }
+static inline v8 v8_max(v8 a, v8 b) { v8 r; LANES(r.f[l] = a.f[l] > b.f[l] ? a.f[l] : b.f[l]); return r; }
+static inline v8 v8_round(v8 a) { v8 r; LANES(r.f[l] = nearbyintf(a.f[l])); return r; }
+static inline v8 v8_scale2(v8 p, v8 n) {
+    v8 r;
+    for (int l = 0; l < 8; l++) {
+        uint32_t u;
+        memcpy(&u, &p.f[l], sizeof u);
+        u += (uint32_t)((int32_t)n.f[l] * (1 << 23));
+        memcpy(&r.f[l], &u, sizeof u);
+    }
+    return r;
+}
+static inline v8 v8_bf16_even(const bf16_t *p) { v8 r; LANES(r.f[l] = bf16_to_float(p[2 * l])); return r; }
+static inline v8 v8_bf16_odd(const bf16_t *p) { v8 r; LANES(r.f[l] = bf16_to_float(p[2 * l + 1])); return r; }
+static inline float v8_sum(v8 v) {
+    float q0 = v.f[0] + v.f[4], q1 = v.f[1] + v.f[5], q2 = v.f[2] + v.f[6], q3 = v.f[3] + v.f[7];
+    return (q0 + q2) + (q1 + q3);
+}
+#endif
+
+/* exp(x) for x in [-87, 88] (clamped there): x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor series to r^7
+   (truncation below 6e-9 relative, under half an fp32 ulp), times 2^n. Within a few fp32 ulps of expf. */
+static inline v8 v8_exp(v8 x) {
+    x = v8_min(v8_max(x, v8_set1(-87.0f)), v8_set1(88.0f));
+    v8 n = v8_round(v8_mul(x, v8_set1(1.44269504f)));
+    v8 r = v8_fma(n, v8_set1(-0.693145752f), x); /* ln2 in two parts: the first times n is exact */
+    r = v8_fma(n, v8_set1(-1.42860677e-6f), r);
+    v8 p = v8_set1(1.0f / 5040.0f);
+    p = v8_fma(p, r, v8_set1(1.0f / 720.0f));
+    p = v8_fma(p, r, v8_set1(1.0f / 120.0f));
+    p = v8_fma(p, r, v8_set1(1.0f / 24.0f));
+    p = v8_fma(p, r, v8_set1(1.0f / 6.0f));
+    p = v8_fma(p, r, v8_set1(0.5f));
+    p = v8_fma(p, r, v8_set1(1.0f));
+    p = v8_fma(p, r, v8_set1(1.0f));
+    return v8_scale2(p, n);
+}
+
+static inline v8 v8_silu(v8 g) { /* g / (1 + e^-g) */
+    return v8_div(g, v8_add(v8_set1(1.0f), v8_exp(v8_mul(g, v8_set1(-1.0f)))));
+}
+
+/* Exposed for the tests: y[i] = exp(x[i]) and silu(x[i]) as the kernels compute them (n a multiple of 8). */
+void tide_exp_silu(const float *x, float *e, float *s, int64_t n) {
+    for (int64_t i = 0; i + 8 <= n; i += 8) {
+        v8_store(e + i, v8_exp(v8_load(x + i)));
+        v8_store(s + i, v8_silu(v8_load(x + i)));
+    }
+}
+
+/* ---- GEMM 0: FMA on 8 fp32 lanes ---------------------------------------------------------------------------- */
+
+#define ROWS 4   /* weight rows per block: ROWS x TOKENS accumulators + 2 weight vectors fit the 16 ymm registers */
+#define TOKENS 3
+
+/* xs [n, K] bf16 -> xw [n, K] fp32, each run of 16 stored as its 8 even then its 8 odd elements (the order in
+   which the FMA GEMM widens bf16 weights). K a multiple of 16. */
+static void widen_even_odd(const bf16_t *xs, float *xw, int64_t n, int64_t K) {
+    for (int64_t j = 0; j < n * K; j += 16)
+        for (int l = 0; l < 8; l++) xw[j + l] = bf16_to_float(xs[j + 2 * l]), xw[j + 8 + l] = bf16_to_float(xs[j + 2 * l + 1]);
+}
+
+/* L2 prefetch of `bytes` bytes from p on: the next weight block, spread over the current block's k steps. */
+static inline void prefetch(const void *p, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)p + b, 0, 2);
+}
+
+/* out[t, o0 + r] = sum_k w[o0 + r, k] x[t0 + t, k] for r < ROWS, t < tokens (a compile-time constant), bf16 w,
+   xw widened by widen_even_odd. `next`: the next block's first row to prefetch, or NULL. */
+static inline __attribute__((always_inline)) void fma_block_bf16(const bf16_t *w, const float *xw, float *out,
+                                                                  int64_t O, int64_t K, int64_t o0, int64_t t0,
+                                                                  const int tokens, const bf16_t *next) {
+    v8 acc[ROWS][TOKENS];
     for (int r = 0; r < ROWS; r++)
+        for (int t = 0; t < tokens; t++) acc[r][t] = v8_zero();
+    const bf16_t *rows = w + o0 * K;
+    const float *xs = xw + t0 * K;
+    for (int64_t k = 0; k < K; k += 16) {
+        if (next) prefetch(next + k * ROWS, 32 * ROWS); /* ROWS x 32 bytes of the next block per step */
+        for (int r = 0; r < ROWS; r++) {
+            v8 even = v8_bf16_even(rows + r * K + k), odd = v8_bf16_odd(rows + r * K + k);
+            for (int t = 0; t < tokens; t++) {
+                acc[r][t] = v8_fma(even, v8_load(xs + t * K + k), acc[r][t]);
+                acc[r][t] = v8_fma(odd, v8_load(xs + t * K + k + 8), acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < ROWS; r++)
+        for (int t = 0; t < tokens; t++) out[(t0 + t) * O + o0 + r] = v8_sum(acc[r][t]);
+}
+
+/* The same with fp32 w and plain fp32 x. */
+static inline __attribute__((always_inline)) void fma_block_f32(const float *w, const float *x, float *out,
+                                                                 int64_t O, int64_t K, int64_t o0, int64_t t0,
+                                                                 const int tokens, const float *next) {
+    v8 acc[ROWS][TOKENS];
+    for (int r = 0; r < ROWS; r++)
+        for (int t = 0; t < tokens; t++) acc[r][t] = v8_zero();
+    const float *rows = w + o0 * K, *xs = x + t0 * K;
+    for (int64_t k = 0; k < K; k += 8) {
+        if (next) prefetch(next + k * ROWS, 32 * ROWS);
+        for (int r = 0; r < ROWS; r++) {
+            v8 wv = v8_load(rows + r * K + k);
+            for (int t = 0; t < tokens; t++) acc[r][t] = v8_fma(wv, v8_load(xs + t * K + k), acc[r][t]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++)
+        for (int t = 0; t < tokens; t++) out[(t0 + t) * O + o0 + r] = v8_sum(acc[r][t]);
+}
+
+/* out [n, O] fp32 = x [n, K] @ w[O, K]^T; O a multiple of ROWS, K of 16. Token rows go in groups of at most TOKENS,
+   of near-equal size, inside each weight block: the block is read from memory once (by the first group, which
+   also prefetches the next block) and reused from L1/L2 by the later groups. */
+#define FMA_MATMUL(name, wtype, block)                                                                            \
+    static void name(const wtype *w, const float *x, float *out, int64_t n, int64_t O, int64_t K) {              \
+        int64_t groups = (n + TOKENS - 1) / TOKENS, size = (n + groups - 1) / groups;                           \
+        for (int64_t o0 = 0; o0 < O; o0 += ROWS) {                                                             \
+            const wtype *next = o0 + ROWS < O ? w + (o0 + ROWS) * K : NULL;                                      \
+            for (int64_t t0 = 0; t0 < n; t0 += size) {                                                          \
+                int64_t tokens = n - t0 < size ? n - t0 : size;                                                  \
+                const wtype *ahead = t0 ? NULL : next;                                                           \
+                if (tokens == 1) block(w, x, out, O, K, o0, t0, 1, ahead);                                       \
+                else if (tokens == 2) block(w, x, out, O, K, o0, t0, 2, ahead);                                  \
+                else block(w, x, out, O, K, o0, t0, 3, ahead);                                                   \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+FMA_MATMUL(matmul_fma_bf16, bf16_t, fma_block_bf16)
+FMA_MATMUL(matmul_fma_f32, float, fma_block_f32)
+
+/* ---- GEMMs 1 and 2: AVX512-BF16 and AMX (avx512 build only) ------------------------------------------------- */
+
+#ifdef __AVX512BF16__
+#define DP_ROWS 4 /* accumulators DP_ROWS x DP_TOKENS stay in the 32 zmm registers */
+#define DP_TOKENS 6
+
+static inline __attribute__((always_inline)) void dp_block(const bf16_t *w, const bf16_t *x, float *out, int64_t O,
+                                                           int64_t K, int64_t o0, int64_t t0, const int tokens) {
+    __m512 acc[DP_ROWS][DP_TOKENS];
+    for (int r = 0; r < DP_ROWS; r++)
         for (int t = 0; t < tokens; t++) acc[r][t] = _mm512_setzero_ps();
     const bf16_t *rows = w + o0 * K, *xs = x + t0 * K;
     for (int64_t k = 0; k < K; k += 32) {
@@ -77,89 +293,116 @@ static inline __attribute__((always_inline)) void block(const bf16_t *w, const b
             acc[3][t] = _mm512_dpbf16_ps(acc[3][t], w3, xv);
         }
     }
-    for (int r = 0; r < ROWS; r++)
+    for (int r = 0; r < DP_ROWS; r++)
         for (int t = 0; t < tokens; t++) out[(t0 + t) * O + o0 + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
-/* out [n, O] fp32 = x [n, K] @ w[O, K]^T; O a multiple of ROWS, K of 32. Token rows go in groups of at most
-   MAX_TOKENS, of near-equal size; each weight block is read from memory once and reused from L1 by later groups. */
-static void matmul_bt(const bf16_t *w, const bf16_t *x, float *out, int64_t n, int64_t O, int64_t K) {
-    int64_t groups = (n + MAX_TOKENS - 1) / MAX_TOKENS;
-    int64_t size = (n + groups - 1) / groups;
-    for (int64_t o0 = 0; o0 < O; o0 += ROWS) {
+/* out [n, O] fp32 = x [n, K] @ w[O, K]^T with vdpbf16ps; O a multiple of DP_ROWS, K of 32. */
+static void matmul_dp(const bf16_t *w, const bf16_t *x, float *out, int64_t n, int64_t O, int64_t K) {
+    int64_t groups = (n + DP_TOKENS - 1) / DP_TOKENS, size = (n + groups - 1) / groups;
+    for (int64_t o0 = 0; o0 < O; o0 += DP_ROWS) {
         for (int64_t t0 = 0; t0 < n; t0 += size) {
-            int64_t tokens = n - t0 < size ? n - t0 : size;
-            switch (tokens) {
-                case 1: block(w, x, out, O, K, o0, t0, 1); break;
-                case 2: block(w, x, out, O, K, o0, t0, 2); break;
-                case 3: block(w, x, out, O, K, o0, t0, 3); break;
-                case 4: block(w, x, out, O, K, o0, t0, 4); break;
-                case 5: block(w, x, out, O, K, o0, t0, 5); break;
-                default: block(w, x, out, O, K, o0, t0, 6); break;
+            switch (n - t0 < size ? n - t0 : size) {
+                case 1: dp_block(w, x, out, O, K, o0, t0, 1); break;
+                case 2: dp_block(w, x, out, O, K, o0, t0, 2); break;
+                case 3: dp_block(w, x, out, O, K, o0, t0, 3); break;
+                case 4: dp_block(w, x, out, O, K, o0, t0, 4); break;
+                case 5: dp_block(w, x, out, O, K, o0, t0, 5); break;
+                default: dp_block(w, x, out, O, K, o0, t0, 6); break;
             }
         }
     }
 }
 
-
-/* The same product with AMX tiles: C[16 weight rows x T tokens] += A[16 rows x 32 k] . B[32 k x T], A loaded
-   straight from the row-major weights (16 rows of 64 bytes at the weight row stride), B from the token rows
-   repacked in pairs along k (the layout tdpbf16ps reads), in groups of at most 16 tokens. Two row tiles per step
-   (32 weight rows); the groups loop inside the row blocks, so a block's 32 rows are read from memory once and
-   reused from L2 by later groups. O a multiple of 32, K of 32; `packed` holds n * K values, `tile_out` 32 * 16. */
+/* AMX: C[16 weight rows x T tokens] += A[16 rows x 32 k] . B[32 k x T], A loaded straight from the row-major
+   weights (16 rows of 64 bytes at the weight row stride), B from the token rows repacked in pairs along k (the
+   layout tdpbf16ps reads), in groups of at most 16 tokens of near-equal size. Per step two row tiles (32 weight
+   rows) against two token groups (the eight tiles: A0 A1, B0 B1, C00 C01 C10 C11), so up to 32 tokens read each
+   weight once; more tokens loop over pairs of groups inside the row block, reusing its 32 rows from L2. No
+   software prefetch: the hardware's streams keep up with 32 rows (an L2 prefetch of the next block measured 8%
+   slower at flash's shape, 1-8 tokens). O a multiple of 32, K of 32; `packed` holds n * K
+   values, `tile_out` 32 * 16. */
 typedef struct {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
     uint8_t rows[16];
 } tile_config;
 
-static void configure_tiles(int64_t tokens) {
+static void configure_tiles(int64_t tokens0, int64_t tokens1) { /* tokens1 = 0: one group */
     tile_config cfg = {0};
     cfg.palette = 1;
-    cfg.rows[0] = cfg.rows[1] = 16, cfg.colsb[0] = cfg.colsb[1] = 64;                      /* A: weight rows */
-    cfg.rows[2] = 16, cfg.colsb[2] = (uint16_t)(tokens * 4);                                  /* B: token pairs */
-    cfg.rows[4] = cfg.rows[5] = 16, cfg.colsb[4] = cfg.colsb[5] = (uint16_t)(tokens * 4);  /* C: fp32 sums */
+    cfg.rows[0] = cfg.rows[1] = 16, cfg.colsb[0] = cfg.colsb[1] = 64;                         /* A: weight rows */
+    cfg.rows[2] = 16, cfg.colsb[2] = (uint16_t)(tokens0 * 4);                                    /* B0: token pairs */
+    cfg.rows[4] = cfg.rows[5] = 16, cfg.colsb[4] = cfg.colsb[5] = (uint16_t)(tokens0 * 4);     /* C0: fp32 sums */
+    if (tokens1) {
+        cfg.rows[3] = 16, cfg.colsb[3] = (uint16_t)(tokens1 * 4);
+        cfg.rows[6] = cfg.rows[7] = 16, cfg.colsb[6] = cfg.colsb[7] = (uint16_t)(tokens1 * 4);
+    }
     _tile_loadconfig(&cfg);
 }
 
-static void matmul_bt_amx(const bf16_t *w, const bf16_t *x, float *out, int64_t n, int64_t O, int64_t K,
-                          bf16_t *packed, float *tile_out) {
-    for (int64_t t0 = 0; t0 < n; t0 += 16) { /* group at t0: packed[t0 * K + (k / 2 * tokens + t) * 2 + j] */
-        int64_t tokens = n - t0 < 16 ? n - t0 : 16;
-        bf16_t *group = packed + t0 * K;
-        for (int64_t k = 0; k < K; k += 2)
-            for (int64_t t = 0; t < tokens; t++) {
-                group[(k / 2 * tokens + t) * 2] = x[(t0 + t) * K + k];
-                group[(k / 2 * tokens + t) * 2 + 1] = x[(t0 + t) * K + k + 1];
-            }
+static void store_group(float *out, const float *tile_out, int64_t O, int64_t o0, int64_t t0, int64_t tokens) {
+    for (int64_t t = 0; t < tokens; t++) /* tile_out [32 rows, tokens] -> out rows t0.., columns o0..o0+31 */
+        for (int64_t m = 0; m < 32; m++) out[(t0 + t) * O + o0 + m] = tile_out[m * tokens + t];
+}
+
+static void matmul_amx(const bf16_t *w, const bf16_t *x, float *out, int64_t n, int64_t O, int64_t K,
+                       bf16_t *packed, float *tile_out) {
+    int64_t groups = (n + 15) / 16, size = (n + groups - 1) / groups;
+    for (int64_t t0 = 0; t0 < n; t0 += size) { /* group at t0: packed[t0 * K + (k / 2 * tokens + t) * 2 + j] */
+        int64_t tokens = n - t0 < size ? n - t0 : size;
+        pair_t *group = (pair_t *)(packed + t0 * K); /* a pair of bf16 as one 32-bit value */
+        const pair_t *rows = (const pair_t *)(x + t0 * K);
+        for (int64_t t = 0; t < tokens; t++)
+            for (int64_t p = 0; p < K / 2; p++) group[p * tokens + t] = rows[t * K / 2 + p];
     }
-    int64_t configured = 0;
+    int64_t configured0 = 0, configured1 = -1;
     for (int64_t o0 = 0; o0 < O; o0 += 32) {
-        for (int64_t t0 = 0; t0 < n; t0 += 16) {
-            int64_t tokens = n - t0 < 16 ? n - t0 : 16;
-            const bf16_t *group = packed + t0 * K;
-            if (tokens != configured) configure_tiles(tokens), configured = tokens;
+        for (int64_t t0 = 0; t0 < n; t0 += 2 * size) {
+            int64_t tokens0 = n - t0 < size ? n - t0 : size, t1 = t0 + tokens0;
+            int64_t tokens1 = n - t1 < size ? n - t1 : size;
+            const bf16_t *group0 = packed + t0 * K, *group1 = packed + t1 * K;
+            if (tokens0 != configured0 || tokens1 != configured1)
+                configure_tiles(tokens0, tokens1), configured0 = tokens0, configured1 = tokens1;
             _tile_zero(4);
             _tile_zero(5);
+            if (tokens1) {
+                _tile_zero(6);
+                _tile_zero(7);
+            }
             for (int64_t k = 0; k < K; k += 32) {
-                _tile_loadd(2, group + k * tokens, tokens * 4);
                 _tile_loadd(0, w + o0 * K + k, K * 2);
                 _tile_loadd(1, w + (o0 + 16) * K + k, K * 2);
+                _tile_loadd(2, group0 + k * tokens0, tokens0 * 4);
                 _tile_dpbf16ps(4, 0, 2);
                 _tile_dpbf16ps(5, 1, 2);
+                if (tokens1) {
+                    _tile_loadd(3, group1 + k * tokens1, tokens1 * 4);
+                    _tile_dpbf16ps(6, 0, 3);
+                    _tile_dpbf16ps(7, 1, 3);
+                }
             }
-            _tile_stored(4, tile_out, tokens * 4);
-            _tile_stored(5, tile_out + 16 * tokens, tokens * 4);
-            for (int64_t m = 0; m < 32; m++)
-                for (int64_t t = 0; t < tokens; t++) out[(t0 + t) * O + o0 + m] = tile_out[m * tokens + t];
+            _tile_stored(4, tile_out, tokens0 * 4);
+            _tile_stored(5, tile_out + 16 * tokens0, tokens0 * 4);
+            store_group(out, tile_out, O, o0, t0, tokens0);
+            if (tokens1) {
+                _tile_stored(6, tile_out, tokens1 * 4);
+                _tile_stored(7, tile_out + 16 * tokens1, tokens1 * 4);
+                store_group(out, tile_out, O, o0, t1, tokens1);
+            }
         }
     }
     _tile_release();
 }
+#endif
 
-/* Reads `bytes` (a multiple of 512, 64-byte aligned) with eight independent streams of 64-byte loads and returns
-   their OR: the read bandwidth one thread reaches, the yardstick of python -m tide.bench.host_tier. */
+/* ---- read bandwidth ------------------------------------------------------------------------------------------- */
+
+/* Reads `bytes` (a multiple of 512, 64-byte aligned) with eight independent streams of the widest loads of this
+   build (64, 32 or 8 bytes) and returns their OR: the read bandwidth one thread reaches, the yardstick of
+   python -m tide.bench.host_tier. */
 uint64_t tide_read_bytes(const void *p, int64_t bytes) {
+#if defined(__AVX512F__)
     const __m512i *v = (const __m512i *)p;
     __m512i acc[8];
     for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_si512();
@@ -167,37 +410,148 @@ uint64_t tide_read_bytes(const void *p, int64_t bytes) {
         for (int j = 0; j < 8; j++) acc[j] = _mm512_or_si512(acc[j], _mm512_load_si512(v + i + j));
     for (int j = 1; j < 8; j++) acc[0] = _mm512_or_si512(acc[0], acc[j]);
     return (uint64_t)_mm512_reduce_or_epi64(acc[0]);
+#elif defined(__AVX2__)
+    const __m256i *v = (const __m256i *)p;
+    __m256i acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_si256();
+    for (int64_t i = 0; i + 8 <= bytes / 32; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_or_si256(acc[j], _mm256_load_si256(v + i + j));
+    for (int j = 1; j < 8; j++) acc[0] = _mm256_or_si256(acc[0], acc[j]);
+    __m128i q = _mm_or_si128(_mm256_castsi256_si128(acc[0]), _mm256_extracti128_si256(acc[0], 1));
+    return (uint64_t)_mm_cvtsi128_si64(q) | (uint64_t)_mm_extract_epi64(q, 1);
+#else
+    const uint64_t *v = (const uint64_t *)p;
+    uint64_t acc[8] = {0};
+    for (int64_t i = 0; i + 8 <= bytes / 8; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] |= v[i + j];
+    for (int j = 1; j < 8; j++) acc[0] |= acc[j];
+    return acc[0];
+#endif
 }
 
-/* Returns 0, or 1 when scratch memory could not be allocated (y untouched). */
-int tide_swiglu_bf16(const bf16_t *x, const bf16_t *gate_up, const bf16_t *down, bf16_t *y, int64_t n,
-                     int64_t H, int64_t I, int amx) {
-    if (n <= 0) return 0;
-    int64_t wide = H > I ? H : I;
-    float *h = malloc(sizeof(float) * n * 2 * I), *out = malloc(sizeof(float) * n * H);
-    bf16_t *a = malloc(sizeof(bf16_t) * n * I), *packed = amx ? malloc(sizeof(bf16_t) * wide * n) : NULL;
-    float *tile_out = amx ? malloc(sizeof(float) * 32 * 16) : NULL;
-    if (!h || !out || !a || (amx && (!packed || !tile_out))) {
-        free(h), free(out), free(a), free(packed), free(tile_out);
-        return 1;
-    }
-    if (amx)
-        matmul_bt_amx(gate_up, x, h, n, 2 * I, H, packed, tile_out);
-    else
-        matmul_bt(gate_up, x, h, n, 2 * I, H);
-    for (int64_t t = 0; t < n; t++) {
-        for (int64_t i = 0; i < I; i++) {
-            float g = bf16_to_float(float_to_bf16(h[t * 2 * I + i]));
-            float u = bf16_to_float(float_to_bf16(h[t * 2 * I + I + i]));
-            float s = bf16_to_float(float_to_bf16(g / (1.0f + expf(-g))));
-            a[t * I + i] = float_to_bf16(s * u);
+/* ---- the expert ------------------------------------------------------------------------------------------------ */
+
+/* a [n, I] = silu(g) * u from h [n, 2I] (g then u per row), each step rounded to bf16 as torch's bf16 swiglu. */
+static void silu_mul_bf16(const float *h, bf16_t *a, int64_t n, int64_t I) {
+    float g[8], s[8];
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t i = 0; i < I; i += 8) {
+            for (int l = 0; l < 8; l++) g[l] = round_bf16(h[t * 2 * I + i + l]);
+            v8_store(s, v8_silu(v8_load(g)));
+            for (int l = 0; l < 8; l++)
+                a[t * I + i + l] = float_to_bf16(round_bf16(s[l]) * round_bf16(h[t * 2 * I + I + i + l]));
         }
+}
+
+/* Scratch memory per thread, kept from call to call (no allocation or page faults per expert), freed when the
+   thread ends; a call that needed more than SCRATCH_KEEP bytes gives it back at once. */
+#define SCRATCH_KEEP ((size_t)16 << 20)
+typedef struct {
+    char *base;
+    size_t bytes;
+} scratch_t;
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static void scratch_free(void *p) { free(((scratch_t *)p)->base), free(p); }
+static void scratch_init(void) { pthread_key_create(&scratch_key, scratch_free); }
+
+static char *scratch(size_t bytes) { /* NULL: no memory */
+    pthread_once(&scratch_once, scratch_init);
+    scratch_t *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        if (!(s = calloc(1, sizeof *s))) return NULL;
+        if (pthread_setspecific(scratch_key, s)) return free(s), NULL;
     }
-    if (amx)
-        matmul_bt_amx(down, a, out, n, H, I, packed, tile_out);
-    else
-        matmul_bt(down, a, out, n, H, I);
+    if (bytes > s->bytes) {
+        free(s->base);
+        s->base = aligned_alloc(64, bytes), s->bytes = s->base ? bytes : 0;
+    }
+    return s->base;
+}
+
+static void scratch_done(void) {
+    scratch_t *s = pthread_getspecific(scratch_key);
+    if (s && s->bytes > SCRATCH_KEEP) free(s->base), s->base = NULL, s->bytes = 0;
+}
+
+static size_t span(size_t bytes) { return (bytes + 63) / 64 * 64; } /* each buffer 64-byte aligned */
+
+/* Returns 0; 1 when scratch memory could not be allocated, 2 when this build has no such `gemm` (y untouched). */
+int tide_swiglu_bf16(const bf16_t *x, const bf16_t *gate_up, const bf16_t *down, bf16_t *y, int64_t n,
+                     int64_t H, int64_t I, int gemm) {
+#ifndef __AVX512BF16__
+    if (gemm != 0) return 2;
+#endif
+    if (gemm < 0 || gemm > 2) return 2;
+    if (n <= 0) return 0;
+    size_t wide = (size_t)(H > I ? H : I) * n, sizes[5] = {
+        span(sizeof(float) * n * 2 * I), span(sizeof(float) * n * H), span(sizeof(bf16_t) * n * I),
+        gemm == 0 ? span(sizeof(float) * wide) : gemm == 2 ? span(sizeof(bf16_t) * wide) : 0,
+        gemm == 2 ? span(sizeof(float) * 32 * 16) : 0};
+    char *base = scratch(sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4]);
+    if (!base) return 1;
+    float *h = (float *)base, *out = (float *)(base + sizes[0]);
+    bf16_t *a = (bf16_t *)(base + sizes[0] + sizes[1]);
+    char *rest = base + sizes[0] + sizes[1] + sizes[2];
+    float *xw = (float *)rest; /* gemm 0 */
+#ifdef __AVX512BF16__
+    bf16_t *packed = (bf16_t *)rest; /* gemm 2 */
+    float *tile_out = (float *)(rest + sizes[3]);
+#endif
+    for (int pass = 0; pass < 2; pass++) { /* gate_up, then down */
+        const bf16_t *w = pass ? down : gate_up, *in = pass ? a : x;
+        float *res = pass ? out : h;
+        int64_t O = pass ? H : 2 * I, K = pass ? I : H;
+        if (gemm == 0) widen_even_odd(in, xw, n, K), matmul_fma_bf16(w, xw, res, n, O, K);
+#ifdef __AVX512BF16__
+        else if (gemm == 1) matmul_dp(w, in, res, n, O, K);
+        else matmul_amx(w, in, res, n, O, K, packed, tile_out);
+#endif
+        if (!pass) silu_mul_bf16(h, a, n, I);
+    }
     for (int64_t j = 0; j < n * H; j++) y[j] = float_to_bf16(out[j]);
-    free(h), free(out), free(a), free(packed), free(tile_out);
+    scratch_done();
+    return 0;
+}
+
+/* fp32 masters: the same expert with the FMA GEMM, no rounding between the steps. Returns 0, or 1 (no memory). */
+int tide_swiglu_f32(const float *x, const float *gate_up, const float *down, float *y, int64_t n, int64_t H,
+                    int64_t I) {
+    if (n <= 0) return 0;
+    size_t sizes[2] = {span(sizeof(float) * n * 2 * I), span(sizeof(float) * n * I)};
+    char *base = scratch(sizes[0] + sizes[1]);
+    if (!base) return 1;
+    float *h = (float *)base, *a = (float *)(base + sizes[0]);
+    matmul_fma_f32(gate_up, x, h, n, 2 * I, H);
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t i = 0; i < I; i += 8) {
+            v8 s = v8_silu(v8_load(h + t * 2 * I + i));
+            v8_store(a + t * I + i, v8_mul(s, v8_load(h + t * 2 * I + I + i)));
+        }
+    matmul_fma_f32(down, a, y, n, H, I);
+    scratch_done();
+    return 0;
+}
+
+/* Many experts, handed out by a shared counter: any number of threads may run the same call at once (each with the
+   same arrays and `next`), each computing expert j = (*next)++ until none is left, so they balance themselves with
+   no per-expert hand-off or interpreter work. Expert j: tide_swiglu_bf16(x[j], gate_up[j], down[j], y[j], n[j], H,
+   I, gemm). Returns 0, or the first nonzero code of this thread's experts. */
+int tide_swiglu_bf16_many(int64_t count, const bf16_t *const *x, const bf16_t *const *gate_up,
+                          const bf16_t *const *down, bf16_t *const *y, const int64_t *n, int64_t H, int64_t I,
+                          int gemm, int64_t *next) {
+    for (int64_t j; (j = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) < count;) {
+        int code = tide_swiglu_bf16(x[j], gate_up[j], down[j], y[j], n[j], H, I, gemm);
+        if (code) return code;
+    }
+    return 0;
+}
+
+int tide_swiglu_f32_many(int64_t count, const float *const *x, const float *const *gate_up, const float *const *down,
+                         float *const *y, const int64_t *n, int64_t H, int64_t I, int64_t *next) {
+    for (int64_t j; (j = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) < count;) {
+        int code = tide_swiglu_f32(x[j], gate_up[j], down[j], y[j], n[j], H, I);
+        if (code) return code;
+    }
     return 0;
 }
