@@ -2,10 +2,10 @@
 
 For LLaDA2.0-mini and -flash expert shapes, bf16 and fp32, 1..32 tokens per expert and a miss set of 10 and 60
 experts per layer-forward, with each host kernel that runs here (torch's swiglu; the compiled amx-bf16 and
-avx512-bf16 in bf16, avx2 in bf16 and fp32, tide.experts.host_kernels), it times the host tier as the executor runs
-it (tide.calibrate.host_curve: the executor's workers, hand-off and staging) and divides the weight bytes read by
-the time: GB/s. The machine's read bandwidth is measured on the same workers: each reads its own 1 GiB buffer
-(the faster of torch's sum and the compiled load loop). It also says which kernel `auto` picks here. Writes
+avx512-bf16 in bf16, avx512 and avx2 in bf16 and fp32, tide.experts.host_kernels), it times the host tier as the
+executor runs it (tide.calibrate.host_curve: the executor's workers, hand-off and staging) and divides the weight
+bytes read by the time: GB/s. The machine's read bandwidth is measured on the same workers: each reads its own 1 GiB
+buffer (the faster of torch's sum and the compiled load loop). It also says which kernel `auto` picks here. Writes
 results/<date>-<host>-host-tier/host_tier.csv, host_tier.md, env.json. Measured on the machine it runs on.
 """
 
@@ -41,14 +41,14 @@ def read_bandwidth(workers: int, mib: int = 1024, repeats: int = 5) -> tuple[flo
 
 
 def compiled_reader():
-    """("<n>-byte loads", buffer -> None): tide_read_bytes from the widest build this CPU runs (avx512, avx2,
+    """("<n>-byte loads", buffer -> None): tide_read_bytes from the widest build this CPU runs (avx512f, avx2,
     else scalar); RuntimeError where it cannot be built here."""
     import ctypes
 
     from tide.experts.host_kernels import compile_library, cpu_features
 
     offered = cpu_features()
-    build, width = ("avx512", 64) if "avx512f" in offered else ("avx2", 32) if "avx2" in offered else ("scalar", 8)
+    build, width = ("avx512f", 64) if "avx512f" in offered else ("avx2", 32) if "avx2" in offered else ("scalar", 8)
     library = compile_library(build)
     library.tide_read_bytes.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     library.tide_read_bytes.restype = ctypes.c_uint64
@@ -84,7 +84,7 @@ def timed(reader, buffers: list[torch.Tensor], repeats: int) -> float:
 @click.option("--tokens", default="1,2,4,8,32", show_default=True)
 @click.option("--misses", default="10,60", show_default=True, help="Host experts per layer-forward.")
 @click.option("--repeat", default=5, show_default=True)
-@click.option("--kernels", default="torch,amx-bf16,avx512-bf16,avx2", show_default=True,
+@click.option("--kernels", default="torch,amx-bf16,avx512,avx512-bf16,avx2", show_default=True,
               help="Host kernels to measure, each in the dtypes it computes (those that cannot run here are skipped).")
 @click.option("--out", default=None, help="Run directory (default: results/<date>-<host>-host-tier).")
 def main(workers: int | None, tokens: str, misses: str, repeat: int, kernels: str, out: str | None) -> None:

@@ -22,7 +22,10 @@ SHAPES = {"tiny": (64, 32), "mini": (2048, 512), "flash": (4096, 1024)}
 TOKENS = (1, 3, 8, 17, 32)
 
 
-def runs_here(name: str) -> bool:
+def runs_here(name: str, features: bool = False) -> bool:
+    """Kernel `name` runs here; features=True: `name` is a CPU feature (FEATURE_BITS) this CPU offers."""
+    if features:
+        return name in hk.cpu_features()
     try:
         hk.compiled_kernel(name)
         return True
@@ -54,7 +57,8 @@ def test_compiled_kernel_computes_the_expert(name, dtype, shape):
     H, I = SHAPES[shape]
     run = kernel(name)
     gate_up, down = expert(H, I, dtype)
-    for n in TOKENS if (name, shape) != ("scalar", "flash") else (1, 3):  # scalar: slow, and avx2's twin below
+    slow = name.startswith("scalar") and shape == "flash"  # the twins: slow, and tested bit for bit below
+    for n in (1, 3) if slow else TOKENS:
         x = torch.randn(n, H, generator=torch.Generator().manual_seed(n)).to(dtype)
         got, plain, truth = run(x, gate_up, down), swiglu(x, gate_up, down), exact(x, gate_up, down)
         scale = truth.abs().max().item()
@@ -67,20 +71,26 @@ def test_compiled_kernel_computes_the_expert(name, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_scalar_build_is_the_avx2_kernel_bit_for_bit(dtype):
-    """The scalar twin runs the AVX2 kernel's code on an 8-float struct: same operations, same order, same bits
-    (what lets a machine without AVX2 test that code). Also the FMA GEMM inside the avx512 build."""
-    avx2, scalar = kernel("avx2"), hk.compiled_kernel("scalar")
-    for H, I in (SHAPES["tiny"], SHAPES["mini"]):
-        gate_up, down = expert(H, I, dtype, seed=3)
-        for n in TOKENS:
-            x = torch.randn(n, H, generator=torch.Generator().manual_seed(n)).to(dtype)
-            assert torch.equal(avx2(x, gate_up, down), scalar(x, gate_up, down)), (H, n)
-    if dtype == torch.bfloat16 and "avx512f" in hk.cpu_features():
-        fma512 = hk.CompiledSwiglu(hk.compile_library("avx512"), "avx2")  # gemm 0 from the avx512 build
-        x = torch.randn(17, 2048).bfloat16()
-        gate_up, down = expert(2048, 512, dtype)
-        assert torch.equal(fma512(x, gate_up, down), scalar(x, gate_up, down))
+@pytest.mark.parametrize("name,twin", [("avx2", "scalar"), ("avx512", "scalar16")])
+def test_scalar_build_is_the_fma_kernel_bit_for_bit(dtype, name, twin):
+    """The scalar twins run the FMA kernels' code on 8-float structs: same operations, same order, same bits
+    (what lets a machine without AVX2 or AVX-512 test that code). Also the same GEMM in every other build that
+    runs here (avx512's 16 lanes on pairs of ymm in the avx2 build, avx2's in the avx512 builds)."""
+    scalar = hk.compiled_kernel(twin)
+    builds = [b for b in hk.BUILDS if b != "scalar" and runs_here({"avx512": "avx512-bf16"}.get(b, b), features=True)]
+    if not builds:
+        pytest.skip(f"no vector build runs on this machine (CPU features: {sorted(hk.cpu_features())})")
+    for build in builds:
+        run = hk.CompiledSwiglu(hk.compile_library(build), twin)  # the twin's gemm, in this build
+        for H, I in (SHAPES["tiny"], SHAPES["mini"]):
+            gate_up, down = expert(H, I, dtype, seed=3)
+            for n in TOKENS:
+                x = torch.randn(n, H, generator=torch.Generator().manual_seed(n)).to(dtype)
+                assert torch.equal(run(x, gate_up, down), scalar(x, gate_up, down)), (build, H, n)
+    if runs_here(name):
+        x = torch.randn(17, 64).to(dtype)
+        gate_up, down = expert(64, 32, dtype)
+        assert torch.equal(kernel(name)(x, gate_up, down), scalar(x, gate_up, down))
 
 
 def test_exp_and_silu_match_torch_over_the_whole_range():
@@ -99,7 +109,7 @@ def test_exp_and_silu_match_torch_over_the_whole_range():
         torch.testing.assert_close(s, torch.nn.functional.silu(x), rtol=4e-7, atol=1e-35, msg=build)
 
 
-@pytest.mark.parametrize("name", ["amx-bf16", "avx512-bf16", "avx2", "scalar"])
+@pytest.mark.parametrize("name", ["amx-bf16", "avx512", "avx512-bf16", "avx2", "scalar", "scalar16"])
 def test_compiled_kernel_is_deterministic_row_by_row(name):
     """Same rows, same bits; a row's result does not depend on which other rows share the call."""
     run = kernel(name)
@@ -140,10 +150,12 @@ def test_cpu_features_agree_with_the_kernels_view_of_proc_cpuinfo():
 
 @pytest.mark.parametrize("offered,dtype,picked", [
     ({"amx-bf16", "avx512-bf16", "avx512f", "avx2"}, torch.bfloat16, "amx-bf16"),
-    ({"avx512-bf16", "avx512f", "avx2"}, torch.bfloat16, "avx512-bf16"),
-    ({"avx512f", "avx2"}, torch.bfloat16, "avx2"),  # AVX-512 without BF16 (Skylake to Ice Lake)
+    ({"avx512-bf16", "avx512f", "avx2"}, torch.bfloat16, "avx512"),
+    ({"avx512-bf16", "avx2"}, torch.bfloat16, "avx512-bf16"),  # not a real CPU: the order past avx512
+    ({"avx512f", "avx2"}, torch.bfloat16, "avx512"),  # AVX-512 without BF16 (Skylake to Ice Lake)
     ({"avx2"}, torch.bfloat16, "avx2"),  # AMD EPYC Rome/Milan
-    ({"amx-bf16", "avx512-bf16", "avx512f", "avx2"}, torch.float32, "avx2"),
+    ({"amx-bf16", "avx512-bf16", "avx512f", "avx2"}, torch.float32, "avx512"),
+    ({"avx2"}, torch.float32, "avx2"),
     (set(), torch.bfloat16, "torch"),
 ])
 def test_auto_takes_the_fastest_kernel_this_cpu_offers_and_says_why(monkeypatch, tmp_path, offered, dtype, picked):
@@ -157,7 +169,7 @@ def test_auto_takes_the_fastest_kernel_this_cpu_offers_and_says_why(monkeypatch,
 
 
 def test_named_kernels_that_cannot_run_are_errors_that_say_why(monkeypatch, tmp_path):
-    assert "scalar" not in HOST_KERNELS  # a test kernel, not for users
+    assert "scalar" not in HOST_KERNELS and "scalar16" not in HOST_KERNELS  # test kernels, not for users
     kernel, note = hk.host_kernel("auto", torch.float16, 64, 32)
     assert kernel is swiglu and "the host master is float16" in note
     assert hk.host_kernel("torch", torch.bfloat16, 64, 32)[0] is swiglu
@@ -178,8 +190,8 @@ def test_named_kernels_that_cannot_run_are_errors_that_say_why(monkeypatch, tmp_
         hk.host_kernel("avx2", torch.bfloat16, 64, 32, cache=tmp_path)
 
 
-@pytest.mark.parametrize("name,dtype", [("amx-bf16", "bfloat16"), ("avx512-bf16", "bfloat16"),
-                                        ("avx2", "bfloat16"), ("avx2", "float32")])
+@pytest.mark.parametrize("name,dtype", [("amx-bf16", "bfloat16"), ("avx512", "bfloat16"), ("avx512", "float32"),
+                                        ("avx512-bf16", "bfloat16"), ("avx2", "bfloat16"), ("avx2", "float32")])
 def test_engine_with_compiled_host_kernel_is_lossless_at_level_b(tiny_dir, name, dtype):
     """cpu-fallback with the compiled kernel: bit-identical to its tier-matched reference."""
     kernel(name)
@@ -245,7 +257,8 @@ def test_the_read_bandwidth_loop_builds_and_reads_everything_on_every_host():
     buf[12345] = 1 << 40
     buf[-1] = 3
     offered = hk.cpu_features()
-    runnable = ["scalar"] + [b for b, needs in (("avx2", "avx2"), ("avx512", "avx512-bf16")) if needs in offered]
+    runnable = ["scalar"] + [b for b, needs in (("avx2", "avx2"), ("avx512f", "avx512f"), ("avx512", "avx512-bf16"))
+                             if needs in offered]
     for build in runnable:
         library = hk.compile_library(build)
         library.tide_read_bytes.argtypes = [ctypes.c_void_p, ctypes.c_int64]

@@ -17,7 +17,7 @@ from typing import Any
 MODEL_TYPE = "llada2_moe"
 DTYPES = ("float32", "bfloat16", "float16")
 REGIMES = ("block-kv", "full")
-HOST_KERNELS = ("auto", "torch", "amx-bf16", "avx512-bf16", "avx2")  # tide.experts.host_kernels
+HOST_KERNELS = ("auto", "torch", "amx-bf16", "avx512", "avx512-bf16", "avx2")  # tide.experts.host_kernels
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ def cpu_threads_option(help_text: str):
 def host_kernel_option():
     return click.option("--host-kernel", type=click.Choice(HOST_KERNELS), default="auto", show_default=True,
                         help="How host-tier experts are computed: torch's swiglu, or a compiled kernel built with "
-                             "the C compiler on first use (amx-bf16 and avx512-bf16: bf16; avx2: bf16 and fp32, any "
-                             "x86-64 CPU with AVX2 and FMA). auto: the first of amx-bf16, avx512-bf16, avx2, torch "
-                             "that runs here for this dtype.")
+                             "the C compiler on first use (amx-bf16 and avx512-bf16: bf16; avx512: bf16 and fp32 on "
+                             "AVX-512F CPUs; avx2: bf16 and fp32, any x86-64 CPU with AVX2 and FMA). auto: the first "
+                             "of amx-bf16, avx512, avx512-bf16, avx2, torch that runs here for this dtype.")
 
 
 def device_kernel_option():

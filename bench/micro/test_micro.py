@@ -80,7 +80,7 @@ def bandwidth():
     return read_bandwidth(1)[0]
 
 
-@pytest.mark.parametrize("kernel_name", ["torch", "amx-bf16", "avx512-bf16", "avx2"])
+@pytest.mark.parametrize("kernel_name", ["torch", "amx-bf16", "avx512", "avx512-bf16", "avx2"])
 @pytest.mark.parametrize("tokens", [1, 8])
 def test_host_tier_share_of_read_bandwidth(benchmark, bandwidth, kernel_name, tokens):
     """32 distinct mini-shaped bf16 experts on one thread, `tokens` rows each, the next 32 of 320 (2 GB, more than

@@ -6,18 +6,21 @@
    (tide_swiglu_f32): no rounding between the steps. Only the summation order of the dot products differs from
    torch, and each output row depends on its own input row only, so the same rows give the same bits.
 
-   One source, three builds (host_kernels.py passes the flags; tide_build() names the one loaded):
-   - "avx512" (AVX-512F/BW/VL/BF16, AMX-TILE/BF16): all three GEMMs below;
-   - "avx2" (AVX2 + FMA): the FMA GEMM on 8-lane vectors;
-   - "scalar" (no flags): the FMA GEMM on an 8-float struct with fmaf, the same operations in the same order as
-     the avx2 build, so its results are the same bits: it tests the FMA kernel's logic on any machine.
-   The GEMMs (`gemm` argument of tide_swiglu_bf16):
-   - 0, FMA: bf16 weights widened to fp32 in registers (even and odd elements of 16, by shift and mask), blocks
-     of ROWS weight rows x up to TOKENS token rows of fp32 accumulators, the token rows pre-widened once per call
-     in the same even/odd order; the next block's rows are prefetched into L2 while a block computes;
+   One source, four builds (host_kernels.py passes the flags; tide_build() names the one loaded):
+   - "avx512" (AVX-512F/BW/VL/BF16, AMX-TILE/BF16): all four GEMMs below;
+   - "avx512f" (AVX-512F/BW/VL): the FMA GEMMs on 16 lanes (zmm) and on 8 lanes;
+   - "avx2" (AVX2 + FMA): the FMA GEMMs, 8 lanes on ymm and 16 lanes on pairs of ymm;
+   - "scalar" (no flags): the FMA GEMMs on 8-float structs with fmaf, the same operations in the same order as
+     the vector builds, so their results are the same bits: it tests the FMA kernels' logic on any machine.
+   The GEMMs (`gemm` argument of tide_swiglu_bf16; tide_swiglu_f32 takes 0 or 3):
+   - 0 and 3, FMA on 8 or 16 fp32 lanes: bf16 weights widened to fp32 in registers (even and odd elements of a
+     run of 16 or 32, by shift and mask), blocks of ROWS weight rows x up to TOKENS token rows of fp32
+     accumulators, the token rows pre-widened once per call in the same even/odd order;
    - 1, AVX512-BF16 `vdpbf16ps`: blocks of four weight rows against up to six token rows;
    - 2, AMX tiles: 32 weight rows x 32 values loaded straight from the row-major weights against two groups of up
      to 16 token rows repacked in pairs.
+   GEMMs 0, 1 and 3 prefetch the next block of weight rows into L2 while a block computes, spread over all its
+   token groups (a block's later groups compute from L1, and without it memory would idle meanwhile).
    Why: at a few tokens per expert the host tier is a weight-streaming job; these read each weight once, from the
    host master as it lies, with no per-call repacking of the weights. H and I must be multiples of 32 (checked by
    the caller). Single-threaded: the executor's workers give the parallelism. */
@@ -36,6 +39,8 @@
 
 #if defined(__AVX512BF16__) && defined(__AMX_BF16__)
 #define BUILD "avx512"
+#elif defined(__AVX512F__)
+#define BUILD "avx512f"
 #elif defined(__AVX2__) && defined(__FMA__)
 #define BUILD "avx2"
 #else
@@ -188,85 +193,136 @@ void tide_exp_silu(const float *x, float *e, float *s, int64_t n) {
     }
 }
 
-/* ---- GEMM 0: FMA on 8 fp32 lanes ---------------------------------------------------------------------------- */
+/* ---- 16 fp32 lanes: zmm with AVX-512F, else a pair of v8 (lanes 0-7, 8-15) with the same operations ---------- */
 
-#define ROWS 4   /* weight rows per block: ROWS x TOKENS accumulators + 2 weight vectors fit the 16 ymm registers */
-#define TOKENS 3
-
-/* xs [n, K] bf16 -> xw [n, K] fp32, each run of 16 stored as its 8 even then its 8 odd elements (the order in
-   which the FMA GEMM widens bf16 weights). K a multiple of 16. */
-static void widen_even_odd(const bf16_t *xs, float *xw, int64_t n, int64_t K) {
-    for (int64_t j = 0; j < n * K; j += 16)
-        for (int l = 0; l < 8; l++) xw[j + l] = bf16_to_float(xs[j + 2 * l]), xw[j + 8 + l] = bf16_to_float(xs[j + 2 * l + 1]);
+#if defined(__AVX512F__)
+typedef __m512 v16;
+static inline v16 v16_zero(void) { return _mm512_setzero_ps(); }
+static inline v16 v16_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline v16 v16_fma(v16 a, v16 b, v16 c) { return _mm512_fmadd_ps(a, b, c); }
+static inline v16 v16_bf16_even(const bf16_t *p) { /* p[0], p[2], ..., p[30] as fp32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(p), 16));
 }
+static inline v16 v16_bf16_odd(const bf16_t *p) { /* p[1], p[3], ..., p[31] as fp32 */
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32((int)0xffff0000u)));
+}
+static inline float v16_sum(v16 v) { /* v8_sum of (lanes 0-7 + lanes 8-15) */
+    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return v8_sum(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
+}
+#else
+typedef struct { v8 lo, hi; } v16;
+static inline v16 v16_zero(void) { return (v16){v8_zero(), v8_zero()}; }
+static inline v16 v16_load(const float *p) { return (v16){v8_load(p), v8_load(p + 8)}; }
+static inline v16 v16_fma(v16 a, v16 b, v16 c) { return (v16){v8_fma(a.lo, b.lo, c.lo), v8_fma(a.hi, b.hi, c.hi)}; }
+static inline v16 v16_bf16_even(const bf16_t *p) { return (v16){v8_bf16_even(p), v8_bf16_even(p + 16)}; }
+static inline v16 v16_bf16_odd(const bf16_t *p) { return (v16){v8_bf16_odd(p), v8_bf16_odd(p + 16)}; }
+static inline float v16_sum(v16 v) { return v8_sum(v8_add(v.lo, v.hi)); }
+#endif
 
-/* L2 prefetch of `bytes` bytes from p on: the next weight block, spread over the current block's k steps. */
+/* ---- GEMMs 0 and 3: FMA on 8 or 16 fp32 lanes ---------------------------------------------------------------- */
+
+/* L2 prefetch of `bytes` bytes from p on. */
 static inline void prefetch(const void *p, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)p + b, 0, 2);
 }
 
-/* out[t, o0 + r] = sum_k w[o0 + r, k] x[t0 + t, k] for r < ROWS, t < tokens (a compile-time constant), bf16 w,
-   xw widened by widen_even_odd. `next`: the next block's first row to prefetch, or NULL. */
-static inline __attribute__((always_inline)) void fma_block_bf16(const bf16_t *w, const float *xw, float *out,
-                                                                  int64_t O, int64_t K, int64_t o0, int64_t t0,
-                                                                  const int tokens, const bf16_t *next) {
-    v8 acc[ROWS][TOKENS];
-    for (int r = 0; r < ROWS; r++)
-        for (int t = 0; t < tokens; t++) acc[r][t] = v8_zero();
-    const bf16_t *rows = w + o0 * K;
-    const float *xs = xw + t0 * K;
-    for (int64_t k = 0; k < K; k += 16) {
-        if (next) prefetch(next + k * ROWS, 32 * ROWS); /* ROWS x 32 bytes of the next block per step */
-        for (int r = 0; r < ROWS; r++) {
-            v8 even = v8_bf16_even(rows + r * K + k), odd = v8_bf16_odd(rows + r * K + k);
-            for (int t = 0; t < tokens; t++) {
-                acc[r][t] = v8_fma(even, v8_load(xs + t * K + k), acc[r][t]);
-                acc[r][t] = v8_fma(odd, v8_load(xs + t * K + k + 8), acc[r][t]);
-            }
-        }
-    }
-    for (int r = 0; r < ROWS; r++)
-        for (int t = 0; t < tokens; t++) out[(t0 + t) * O + o0 + r] = v8_sum(acc[r][t]);
+/* The next weight block (the ROWS rows after this block's, contiguous) is prefetched into L2 while this block
+   computes, spread evenly over all its token groups' k steps, so memory streams while every group computes (a
+   block's later groups read it from L1). ahead(g, groups, ...): where token group g starts prefetching, each of its
+   k steps taking `step` bytes; NULL past the last block or past the next block's end. */
+static inline int64_t ahead_step(int64_t block_bytes, int64_t groups, int64_t k_steps) {
+    return (block_bytes / groups / k_steps + 63) / 64 * 64;
+}
+static inline const char *ahead(const char *next, int64_t block_bytes, int64_t g, int64_t step, int64_t k_steps) {
+    return next && g * step * k_steps < block_bytes ? next + g * step * k_steps : NULL;
 }
 
-/* The same with fp32 w and plain fp32 x. */
-static inline __attribute__((always_inline)) void fma_block_f32(const float *w, const float *x, float *out,
-                                                                 int64_t O, int64_t K, int64_t o0, int64_t t0,
-                                                                 const int tokens, const float *next) {
-    v8 acc[ROWS][TOKENS];
-    for (int r = 0; r < ROWS; r++)
-        for (int t = 0; t < tokens; t++) acc[r][t] = v8_zero();
-    const float *rows = w + o0 * K, *xs = x + t0 * K;
-    for (int64_t k = 0; k < K; k += 8) {
-        if (next) prefetch(next + k * ROWS, 32 * ROWS);
-        for (int r = 0; r < ROWS; r++) {
-            v8 wv = v8_load(rows + r * K + k);
-            for (int t = 0; t < tokens; t++) acc[r][t] = v8_fma(wv, v8_load(xs + t * K + k), acc[r][t]);
-        }
-    }
-    for (int r = 0; r < ROWS; r++)
-        for (int t = 0; t < tokens; t++) out[(t0 + t) * O + o0 + r] = v8_sum(acc[r][t]);
-}
+/* One FMA GEMM per lane width V, named by its lane count L: per k step each of the block's ROWS weight rows is
+   widened once (even and odd halves held in registers) and each token row's two x vectors are loaded once, so a
+   step loads ROWS + 2 x tokens vectors for 2 x ROWS x tokens FMAs (v16: 4 x 5, 20 accumulators + 8 weight + 2 x
+   vectors in the 32 zmm registers; v8: 4 x 3, 12 + 8 + 2 vectors, more than the 16 ymm registers, measured faster
+   than 2 x 4 and 2 x 5, which fit):
+   - widen_L: xs [n, K] bf16 -> xw [n, K] fp32, each run of 2L values stored as its L even then its L odd elements
+     (the order in which the GEMM widens bf16 weights); K a multiple of 2L;
+   - block_bf16_L / block_f32_L: out[t, o0 + r] = sum_k w[o0 + r, k] x[t0 + t, k] for r < ROWS, t < tokens (a
+     compile-time constant), bf16 w against xw, or fp32 w against fp32 x;
+   - matmul_bf16_L / matmul_f32_L: out [n, O] fp32 = x [n, K] @ w[O, K]^T, O a multiple of ROWS, K of 2L; token rows
+     in groups of at most TOKENS of near-equal size inside each weight block, which is read from memory once and
+     reused from L1 by the later groups. */
+#define FMA_GEMM(V, L, ROWS, TOKENS)                                                                              \
+    static void widen_##L(const bf16_t *xs, float *xw, int64_t n, int64_t K) {                                   \
+        for (int64_t j = 0; j < n * K; j += 2 * L)                                                               \
+            for (int l = 0; l < L; l++)                                                                          \
+                xw[j + l] = bf16_to_float(xs[j + 2 * l]), xw[j + L + l] = bf16_to_float(xs[j + 2 * l + 1]);       \
+    }                                                                                                            \
+    static inline __attribute__((always_inline)) void block_bf16_##L(                                           \
+        const bf16_t *w, const float *xw, float *out, int64_t O, int64_t K, int64_t o0, int64_t t0,              \
+        const int tokens, const char *pre, int64_t step) {                                                       \
+        V acc[ROWS][TOKENS];                                                                                     \
+        for (int r = 0; r < ROWS; r++)                                                                           \
+            for (int t = 0; t < tokens; t++) acc[r][t] = V##_zero();                                             \
+        const bf16_t *rows = w + o0 * K;                                                                         \
+        const float *xs = xw + t0 * K;                                                                           \
+        for (int64_t k = 0; k < K; k += 2 * L) {                                                                 \
+            if (pre) prefetch(pre + k / (2 * L) * step, step);                                                   \
+            V even[ROWS], odd[ROWS];                                                                             \
+            for (int r = 0; r < ROWS; r++)                                                                       \
+                even[r] = V##_bf16_even(rows + r * K + k), odd[r] = V##_bf16_odd(rows + r * K + k);              \
+            for (int t = 0; t < tokens; t++) {                                                                   \
+                V xe = V##_load(xs + t * K + k), xo = V##_load(xs + t * K + k + L);                              \
+                for (int r = 0; r < ROWS; r++)                                                                   \
+                    acc[r][t] = V##_fma(odd[r], xo, V##_fma(even[r], xe, acc[r][t]));                            \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int r = 0; r < ROWS; r++)                                                                           \
+            for (int t = 0; t < tokens; t++) out[(t0 + t) * O + o0 + r] = V##_sum(acc[r][t]);                   \
+    }                                                                                                            \
+    static inline __attribute__((always_inline)) void block_f32_##L(                                            \
+        const float *w, const float *x, float *out, int64_t O, int64_t K, int64_t o0, int64_t t0,                \
+        const int tokens, const char *pre, int64_t step) {                                                       \
+        V acc[ROWS][TOKENS];                                                                                     \
+        for (int r = 0; r < ROWS; r++)                                                                           \
+            for (int t = 0; t < tokens; t++) acc[r][t] = V##_zero();                                             \
+        const float *rows = w + o0 * K, *xs = x + t0 * K;                                                        \
+        for (int64_t k = 0; k < K; k += L) {                                                                     \
+            if (pre) prefetch(pre + k / L * step, step);                                                         \
+            V wv[ROWS];                                                                                          \
+            for (int r = 0; r < ROWS; r++) wv[r] = V##_load(rows + r * K + k);                                   \
+            for (int t = 0; t < tokens; t++) {                                                                   \
+                V xv = V##_load(xs + t * K + k);                                                                 \
+                for (int r = 0; r < ROWS; r++) acc[r][t] = V##_fma(wv[r], xv, acc[r][t]);                        \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int r = 0; r < ROWS; r++)                                                                           \
+            for (int t = 0; t < tokens; t++) out[(t0 + t) * O + o0 + r] = V##_sum(acc[r][t]);                   \
+    }                                                                                                            \
+    FMA_MATMUL(matmul_bf16_##L, bf16_t, float, block_bf16_##L, 2 * L, ROWS, TOKENS)                              \
+    FMA_MATMUL(matmul_f32_##L, float, float, block_f32_##L, L, ROWS, TOKENS)
 
-/* out [n, O] fp32 = x [n, K] @ w[O, K]^T; O a multiple of ROWS, K of 16. Token rows go in groups of at most TOKENS,
-   of near-equal size, inside each weight block: the block is read from memory once (by the first group, which
-   also prefetches the next block) and reused from L1/L2 by the later groups. */
-#define FMA_MATMUL(name, wtype, block)                                                                            \
-    static void name(const wtype *w, const float *x, float *out, int64_t n, int64_t O, int64_t K) {              \
+#define FMA_MATMUL(name, wtype, xtype, block, KSTEP, ROWS, TOKENS)                                               \
+    static void name(const wtype *w, const xtype *x, float *out, int64_t n, int64_t O, int64_t K) {             \
         int64_t groups = (n + TOKENS - 1) / TOKENS, size = (n + groups - 1) / groups;                           \
+        int64_t block_bytes = ROWS * K * (int64_t)sizeof(wtype), steps = K / (KSTEP);                           \
+        int64_t step = ahead_step(block_bytes, groups, steps);                                                   \
         for (int64_t o0 = 0; o0 < O; o0 += ROWS) {                                                             \
-            const wtype *next = o0 + ROWS < O ? w + (o0 + ROWS) * K : NULL;                                      \
-            for (int64_t t0 = 0; t0 < n; t0 += size) {                                                          \
+            const char *next = o0 + ROWS < O ? (const char *)(w + (o0 + ROWS) * K) : NULL;                       \
+            for (int64_t t0 = 0, g = 0; t0 < n; t0 += size, g++) {                                              \
                 int64_t tokens = n - t0 < size ? n - t0 : size;                                                  \
-                const wtype *ahead = t0 ? NULL : next;                                                           \
-                if (tokens == 1) block(w, x, out, O, K, o0, t0, 1, ahead);                                       \
-                else if (tokens == 2) block(w, x, out, O, K, o0, t0, 2, ahead);                                  \
-                else block(w, x, out, O, K, o0, t0, 3, ahead);                                                   \
+                const char *pre = ahead(next, block_bytes, g, step, steps);                                      \
+                switch (tokens) { /* each case a compile-time token count, at most TOKENS */                     \
+                    case 1: block(w, x, out, O, K, o0, t0, 1, pre, step); break;                                 \
+                    case 2: block(w, x, out, O, K, o0, t0, 2 < TOKENS ? 2 : TOKENS, pre, step); break;           \
+                    case 3: block(w, x, out, O, K, o0, t0, 3 < TOKENS ? 3 : TOKENS, pre, step); break;           \
+                    case 4: block(w, x, out, O, K, o0, t0, 4 < TOKENS ? 4 : TOKENS, pre, step); break;           \
+                    default: block(w, x, out, O, K, o0, t0, TOKENS, pre, step); break;                           \
+                }                                                                                                \
             }                                                                                                    \
         }                                                                                                        \
     }
-FMA_MATMUL(matmul_fma_bf16, bf16_t, fma_block_bf16)
-FMA_MATMUL(matmul_fma_f32, float, fma_block_f32)
+
+FMA_GEMM(v8, 8, 4, 3)
+FMA_GEMM(v16, 16, 4, 5)
 
 /* ---- GEMMs 1 and 2: AVX512-BF16 and AMX (avx512 build only) ------------------------------------------------- */
 
@@ -275,12 +331,14 @@ FMA_MATMUL(matmul_fma_f32, float, fma_block_f32)
 #define DP_TOKENS 6
 
 static inline __attribute__((always_inline)) void dp_block(const bf16_t *w, const bf16_t *x, float *out, int64_t O,
-                                                           int64_t K, int64_t o0, int64_t t0, const int tokens) {
+                                                           int64_t K, int64_t o0, int64_t t0, const int tokens,
+                                                           const char *pre, int64_t step) {
     __m512 acc[DP_ROWS][DP_TOKENS];
     for (int r = 0; r < DP_ROWS; r++)
         for (int t = 0; t < tokens; t++) acc[r][t] = _mm512_setzero_ps();
     const bf16_t *rows = w + o0 * K, *xs = x + t0 * K;
     for (int64_t k = 0; k < K; k += 32) {
+        if (pre) prefetch(pre + k / 32 * step, step);
         __m512bh w0 = (__m512bh)_mm512_loadu_si512(rows + k);
         __m512bh w1 = (__m512bh)_mm512_loadu_si512(rows + K + k);
         __m512bh w2 = (__m512bh)_mm512_loadu_si512(rows + 2 * K + k);
@@ -297,18 +355,22 @@ static inline __attribute__((always_inline)) void dp_block(const bf16_t *w, cons
         for (int t = 0; t < tokens; t++) out[(t0 + t) * O + o0 + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
-/* out [n, O] fp32 = x [n, K] @ w[O, K]^T with vdpbf16ps; O a multiple of DP_ROWS, K of 32. */
+/* out [n, O] fp32 = x [n, K] @ w[O, K]^T with vdpbf16ps; O a multiple of DP_ROWS, K of 32; the next block
+   prefetched as in FMA_MATMUL. */
 static void matmul_dp(const bf16_t *w, const bf16_t *x, float *out, int64_t n, int64_t O, int64_t K) {
     int64_t groups = (n + DP_TOKENS - 1) / DP_TOKENS, size = (n + groups - 1) / groups;
+    int64_t block_bytes = DP_ROWS * K * (int64_t)sizeof(bf16_t), step = ahead_step(block_bytes, groups, K / 32);
     for (int64_t o0 = 0; o0 < O; o0 += DP_ROWS) {
-        for (int64_t t0 = 0; t0 < n; t0 += size) {
+        const char *next = o0 + DP_ROWS < O ? (const char *)(w + (o0 + DP_ROWS) * K) : NULL;
+        for (int64_t t0 = 0, g = 0; t0 < n; t0 += size, g++) {
+            const char *pre = ahead(next, block_bytes, g, step, K / 32);
             switch (n - t0 < size ? n - t0 : size) {
-                case 1: dp_block(w, x, out, O, K, o0, t0, 1); break;
-                case 2: dp_block(w, x, out, O, K, o0, t0, 2); break;
-                case 3: dp_block(w, x, out, O, K, o0, t0, 3); break;
-                case 4: dp_block(w, x, out, O, K, o0, t0, 4); break;
-                case 5: dp_block(w, x, out, O, K, o0, t0, 5); break;
-                default: dp_block(w, x, out, O, K, o0, t0, 6); break;
+                case 1: dp_block(w, x, out, O, K, o0, t0, 1, pre, step); break;
+                case 2: dp_block(w, x, out, O, K, o0, t0, 2, pre, step); break;
+                case 3: dp_block(w, x, out, O, K, o0, t0, 3, pre, step); break;
+                case 4: dp_block(w, x, out, O, K, o0, t0, 4, pre, step); break;
+                case 5: dp_block(w, x, out, O, K, o0, t0, 5, pre, step); break;
+                default: dp_block(w, x, out, O, K, o0, t0, 6, pre, step); break;
             }
         }
     }
@@ -480,20 +542,20 @@ static size_t span(size_t bytes) { return (bytes + 63) / 64 * 64; } /* each buff
 int tide_swiglu_bf16(const bf16_t *x, const bf16_t *gate_up, const bf16_t *down, bf16_t *y, int64_t n,
                      int64_t H, int64_t I, int gemm) {
 #ifndef __AVX512BF16__
-    if (gemm != 0) return 2;
+    if (gemm == 1 || gemm == 2) return 2;
 #endif
-    if (gemm < 0 || gemm > 2) return 2;
+    if (gemm < 0 || gemm > 3) return 2;
     if (n <= 0) return 0;
     size_t wide = (size_t)(H > I ? H : I) * n, sizes[5] = {
         span(sizeof(float) * n * 2 * I), span(sizeof(float) * n * H), span(sizeof(bf16_t) * n * I),
-        gemm == 0 ? span(sizeof(float) * wide) : gemm == 2 ? span(sizeof(bf16_t) * wide) : 0,
+        gemm == 0 || gemm == 3 ? span(sizeof(float) * wide) : gemm == 2 ? span(sizeof(bf16_t) * wide) : 0,
         gemm == 2 ? span(sizeof(float) * 32 * 16) : 0};
     char *base = scratch(sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4]);
     if (!base) return 1;
     float *h = (float *)base, *out = (float *)(base + sizes[0]);
     bf16_t *a = (bf16_t *)(base + sizes[0] + sizes[1]);
     char *rest = base + sizes[0] + sizes[1] + sizes[2];
-    float *xw = (float *)rest; /* gemm 0 */
+    float *xw = (float *)rest; /* gemms 0 and 3 */
 #ifdef __AVX512BF16__
     bf16_t *packed = (bf16_t *)rest; /* gemm 2 */
     float *tile_out = (float *)(rest + sizes[3]);
@@ -502,7 +564,8 @@ int tide_swiglu_bf16(const bf16_t *x, const bf16_t *gate_up, const bf16_t *down,
         const bf16_t *w = pass ? down : gate_up, *in = pass ? a : x;
         float *res = pass ? out : h;
         int64_t O = pass ? H : 2 * I, K = pass ? I : H;
-        if (gemm == 0) widen_even_odd(in, xw, n, K), matmul_fma_bf16(w, xw, res, n, O, K);
+        if (gemm == 0) widen_8(in, xw, n, K), matmul_bf16_8(w, xw, res, n, O, K);
+        else if (gemm == 3) widen_16(in, xw, n, K), matmul_bf16_16(w, xw, res, n, O, K);
 #ifdef __AVX512BF16__
         else if (gemm == 1) matmul_dp(w, in, res, n, O, K);
         else matmul_amx(w, in, res, n, O, K, packed, tile_out);
@@ -514,21 +577,23 @@ int tide_swiglu_bf16(const bf16_t *x, const bf16_t *gate_up, const bf16_t *down,
     return 0;
 }
 
-/* fp32 masters: the same expert with the FMA GEMM, no rounding between the steps. Returns 0, or 1 (no memory). */
+/* fp32 masters: the same expert with an FMA GEMM (`gemm` 0 or 3), no rounding between the steps. Returns 0, 1 (no
+   memory) or 2 (no such gemm). */
 int tide_swiglu_f32(const float *x, const float *gate_up, const float *down, float *y, int64_t n, int64_t H,
-                    int64_t I) {
+                    int64_t I, int gemm) {
+    if (gemm != 0 && gemm != 3) return 2;
     if (n <= 0) return 0;
     size_t sizes[2] = {span(sizeof(float) * n * 2 * I), span(sizeof(float) * n * I)};
     char *base = scratch(sizes[0] + sizes[1]);
     if (!base) return 1;
     float *h = (float *)base, *a = (float *)(base + sizes[0]);
-    matmul_fma_f32(gate_up, x, h, n, 2 * I, H);
+    (gemm ? matmul_f32_16 : matmul_f32_8)(gate_up, x, h, n, 2 * I, H);
     for (int64_t t = 0; t < n; t++)
         for (int64_t i = 0; i < I; i += 8) {
             v8 s = v8_silu(v8_load(h + t * 2 * I + i));
             v8_store(a + t * I + i, v8_mul(s, v8_load(h + t * 2 * I + I + i)));
         }
-    matmul_fma_f32(down, a, y, n, H, I);
+    (gemm ? matmul_f32_16 : matmul_f32_8)(down, a, y, n, H, I);
     scratch_done();
     return 0;
 }
@@ -548,9 +613,9 @@ int tide_swiglu_bf16_many(int64_t count, const bf16_t *const *x, const bf16_t *c
 }
 
 int tide_swiglu_f32_many(int64_t count, const float *const *x, const float *const *gate_up, const float *const *down,
-                         float *const *y, const int64_t *n, int64_t H, int64_t I, int64_t *next) {
+                         float *const *y, const int64_t *n, int64_t H, int64_t I, int gemm, int64_t *next) {
     for (int64_t j; (j = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) < count;) {
-        int code = tide_swiglu_f32(x[j], gate_up[j], down[j], y[j], n[j], H, I);
+        int code = tide_swiglu_f32(x[j], gate_up[j], down[j], y[j], n[j], H, I, gemm);
         if (code) return code;
     }
     return 0;
