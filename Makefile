@@ -10,8 +10,13 @@ THREADS ?=
 # float32 on the CPU (the built-in model is stored in bf16 and the upcast is exact); bfloat16 on a GPU.
 DTYPE ?= $(if $(filter cuda%,$(DEVICE)),bfloat16,float32)
 
-BUDGETS ?= 25%,50%
-REGIMES ?= block-kv,full
+# make bench: the main job, every policy at one budget in one regime (README: its measured wall time);
+# make bench FULL=1: the full sweep, two budgets x both regimes x two interleaved repeats.
+FULL ?=
+comma := ,
+BUDGETS ?= $(if $(FULL),25%$(comma)50%,25%)
+REGIMES ?= $(if $(FULL),block-kv$(comma)full,block-kv)
+REPEAT ?= $(if $(FULL),2,1)
 POLICIES ?= reference,full-offload,lru,cpu-fallback,accelerate,tide
 BENCH_ARGS ?=
 
@@ -36,7 +41,7 @@ test: venv
 	$(BIN)/pytest -q
 
 bench: venv
-	$(BIN)/tide $(if $(THREADS),--threads $(THREADS)) bench $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) --budgets $(BUDGETS) --regime $(REGIMES) --policies $(POLICIES) $(BENCH_ARGS)
+	$(BIN)/tide $(if $(THREADS),--threads $(THREADS)) bench $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) --budgets $(BUDGETS) --regime $(REGIMES) --repeat $(REPEAT) --policies $(POLICIES) $(BENCH_ARGS)
 
 bench-check: venv
 	rm -rf .cache/bench-check

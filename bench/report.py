@@ -7,6 +7,8 @@ a baseline beats TIDE, so the reader never has to find it.
 
 from __future__ import annotations
 
+import math
+import numbers
 from pathlib import Path
 
 import pandas as pd
@@ -58,17 +60,44 @@ def losses(summary: pd.DataFrame) -> list[str]:
     return lines
 
 
-def table(df: pd.DataFrame, floatfmt: str = ".3g") -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, row in df.iterrows():
-        cells = []
-        for c in cols:
-            v = row[c]
-            cells.append(format(v, floatfmt) if isinstance(v, float) and not pd.isna(v) else
-                         ("" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def number(v) -> str:
+    """A cell for people: counts with thousands separators, fixed decimals by size, blanks for missing values."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, numbers.Integral) or (isinstance(v, float) and v.is_integer() and abs(v) >= 1000):
+        return f"{int(v):,}"
+    if isinstance(v, numbers.Real):
+        v = float(v)
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}" if abs(v) >= 1 \
+            else f"{v:.3f}" if abs(v) >= 0.001 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+def table(df: pd.DataFrame, floatfmt: str | None = None) -> str:
+    """A markdown table (pandas' to_markdown) of `df`, every cell formatted by `number`, or floats by `floatfmt`
+    where a report's columns share one scale (the stability study's cosines and ratios)."""
+    def cell(v) -> str:
+        return format(v, floatfmt) if floatfmt and isinstance(v, float) and not math.isnan(v) else number(v)
+
+    return df.apply(lambda column: column.map(cell)).to_markdown(index=False, disable_numparse=True)
+
+
+def compact(bench: pd.DataFrame) -> str:
+    """The terminal's table: each policy's median tokens/s, its ratio to the reference and TIDE's over it, MB
+    host->device and lossless yes/no, one line per run; bench.md keeps every column."""
+    s = summarise(bench)
+    rows = []
+    for _, r in s.iterrows():
+        ref = s[(s.variant == "reference") & (s.regime == r.regime)]
+        tide = s[(s.variant == "tide") & (s.budget == r.budget) & (s.regime == r.regime)]
+        lossless = r.identical if r.level == "a" else r.tier_matched if r.level == "b" else f"top1 {r.top1:.3f}"
+        rows.append({"policy": r.variant, "budget": r.budget, "regime": r.regime, "tok/s": r.tokens_per_s,
+                     "x reference": r.tokens_per_s / ref.tokens_per_s.iloc[0] if len(ref) else None,
+                     "tide x it": tide.tokens_per_s.iloc[0] / r.tokens_per_s if len(tide) and r.variant != "tide"
+                     else None, "MB H2D": r.mb_h2d, "lossless": lossless})
+    return table(pd.DataFrame(rows))
 
 
 def markdown(bench: pd.DataFrame, proj: pd.DataFrame | None, card: list[str], command: str) -> str:
@@ -118,31 +147,41 @@ def markdown(bench: pd.DataFrame, proj: pd.DataFrame | None, card: list[str], co
 
 
 def plot(bench: pd.DataFrame, path: Path) -> None:
+    """bench.png: per regime, tokens/s of every policy at each budget as bars (min-max over repeats as error
+    bars), the all-resident reference as a line, y from 0 on one scale for all panels. Measured only: the
+    modelled projections are expert-path seconds on other machines, not tokens/s, and stay in bench.md."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     s = summarise(bench)
     regimes = list(s.regime.unique())
     if not regimes:
         return
-    fig, axes = plt.subplots(1, len(regimes), figsize=(6 * len(regimes), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(regimes), figsize=(6 * len(regimes), 4), squeeze=False, sharey=True)
     for ax, regime in zip(axes[0], regimes, strict=True):
-        for variant, grp in s[s.regime == regime].groupby("variant", sort=False):
-            if variant == "reference":  # no budget: a horizontal line, its min-max as a band
-                ref = grp.iloc[0]
-                ax.axhline(ref.tokens_per_s, ls="--", color="black", label="reference (all resident)")
-                ax.axhspan(ref.tps_min, ref.tps_max, color="black", alpha=0.08)
-                continue
-            grp = grp.sort_values("slots_per_layer")
-            spread = [grp.tokens_per_s - grp.tps_min, grp.tps_max - grp.tokens_per_s]
-            ax.errorbar(grp.slots_per_layer, grp.tokens_per_s, yerr=spread, fmt="-o", capsize=3, label=variant)
+        grp = s[s.regime == regime]
+        ref, runs = grp[grp.variant == "reference"], grp[grp.variant != "reference"]
+        budgets, variants = list(dict.fromkeys(runs.budget)), list(dict.fromkeys(runs.variant))
+        width = 0.8 / max(1, len(variants))
+        for j, variant in enumerate(variants):
+            rows = runs[runs.variant == variant].set_index("budget").reindex(budgets)
+            spread = [rows.tokens_per_s - rows.tps_min, rows.tps_max - rows.tokens_per_s]
+            ax.bar(np.arange(len(budgets)) + (j - (len(variants) - 1) / 2) * width, rows.tokens_per_s, width,
+                   yerr=spread, capsize=2, label=variant)
+        ax.set_xticks(range(len(budgets)), [f"{b} ({int(n)} slots/layer)" for b, n in
+                                            zip(budgets, runs.drop_duplicates("budget").slots_per_layer,
+                                                strict=True)])
+        if len(ref):
+            ax.axhline(ref.tokens_per_s.iloc[0], ls="--", color="black", label="reference (all resident)")
         ax.set_title(f"regime {regime} (measured; bars: min-max over repeats)")
-        ax.set_xlabel("GPU expert slots per layer")
+        ax.set_xlabel("GPU expert budget")
         ax.set_ylabel("tokens / s")
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
+    axes[0][0].set_ylim(0, 1.15 * max(s.tps_max.max(), 1e-9))  # shared by every panel
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

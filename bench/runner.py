@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -71,6 +72,9 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
     cfg = ModelConfig.from_json(model / "config.json")
     # every option is checked before anything is measured or any run directory exists
     policy_list, budget_list, regime_list = (_csv(x) for x in (policies, budgets, regimes))
+    for flag, given in (("--policies", policy_list), ("--budgets", budget_list)):
+        if not given:
+            raise ValueError(f"{flag}: give at least one (comma-separated)")
     for base, _, _ in variants(policy_list):
         if base not in load_registered():
             raise ValueError(f"--policies: unknown policy {base!r}; registered: {sorted(load_registered())}")
@@ -102,10 +106,20 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
     for line in card:
         print(f"card: {line}")
     per_rep = sum(1 for p, _, _ in variants(policy_list) for _ in (budget_list if p != "reference" else [0]))
-    bar = tqdm(total=per_rep * len(regime_list) * repeat, desc="bench runs", unit="run")
+    total = per_rep * len(regime_list) * repeat
+    print(f"bench: {total} runs ({per_rep} per regime and repeat); the expected total follows the first run")
+    bar = tqdm(total=total, desc="bench runs", unit="run")
+    started = time.perf_counter()
+
+    def on_row(r: dict) -> None:
+        if bar.n == 0:
+            first_s = time.perf_counter() - started  # the first run, its policy profiling included
+            bar.write(f"bench: expected about {total} runs x {first_s:.0f} s = {total * first_s / 60:.1f} min")
+        bar.update(1)
+        bar.set_postfix_str(f"{r['variant']} {r['budget']} {r['regime']}: {r.get('tokens_per_s', 0):.1f} tok/s")
+
     try:
-        rows, context = run_sweep(spec, on_row=lambda r: (bar.update(1), bar.set_postfix_str(
-            f"{r['variant']} {r['budget']} {r['regime']}: {r['tokens_per_s']:.1f} tok/s")))
+        rows, context = run_sweep(spec, on_row=on_row)
     finally:
         bar.close()
     bench_df = pd.read_csv(run_dir / "bench.csv")
@@ -125,7 +139,11 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
            "machine": {k.removeprefix("hw_"): v for k, v in rows[0].items() if k.startswith("hw_")},
            "cost_model": {"source": cost.source, "fetch_s": cost.fetch_s(), "h2d_GBps": cost.h2d_bytes_per_s / 1e9}}
     atomic_write(run_dir / "env.json", json.dumps(env, indent=2))
-    print((run_dir / "bench.md").read_text())
+    print(f"\nMeasured on this machine, median of {repeat} repeat(s); every column, the card and the modelled "
+          f"projections: {run_dir / 'bench.md'}\n")
+    print(report.compact(bench_df))
+    for line in report.losses(report.summarise(bench_df)) or ["- no baseline beats tide in this run"]:
+        print(line)
     summary = {"out": str(run_dir), "rows": len(rows), "kind": "measured",
                "tokens_per_s": {f"{r['variant']}|{r['budget']}|{r['regime']}": round(r["tokens_per_s"], 3)
                                 for r in rows if r["repeat"] == 0 and r.get("kind") != "error"}}

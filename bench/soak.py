@@ -18,7 +18,7 @@ import threading
 import click
 import pandas as pd
 
-from tide.options import device_option
+from tide.options import UserErrorCommand, device_option
 
 POLICIES = "reference,full-offload,lru,cpu-fallback,accelerate,tide"
 
@@ -32,14 +32,14 @@ def process_stats(device) -> dict[str, float]:
             "fds": len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0, "gpu_mb": gpu}
 
 
-@click.command()
+@click.command(cls=UserErrorCommand)
 @click.option("--model", default=None, help="Checkpoint (default: the built-in model).")
 @click.option("--requests", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--policies", default=POLICIES, show_default=True)
 @click.option("--budgets", default="25%,50%", show_default=True)
 @click.option("--per-config", type=click.IntRange(min=1), default=5, show_default=True,
               help="Requests before the engine is reconfigured.")
-@click.option("--gen-length", default=32, show_default=True)
+@click.option("--gen-length", type=click.IntRange(min=1), default=32, show_default=True)
 @device_option()
 @click.option("--rss-slack-mb", default=64.0, show_default=True, help="Allowed RSS growth after the warm-up pass.")
 @click.option("--out", default=None, help="Run directory (default: results/<date>-<host>-soak).")
@@ -55,9 +55,15 @@ def main(model, requests, policies, budgets, per_config, gen_length, device, rss
     path = resolve_model(model)
     configs = [(p, None if p == "reference" else b) for p in policies.split(",") for b in budgets.split(",")]
     configs = list(dict.fromkeys(configs))
+    from tide.policy import load_registered
+
+    unknown = [p for p, _ in configs if p not in load_registered()]
+    if unknown:
+        raise ValueError(f"--policies {', '.join(dict.fromkeys(unknown))}: choose from "
+                         f"{', '.join(sorted(load_registered()))}")
     cfg = DecodeConfig(gen_length=gen_length)
-    run_dir = new_run_dir(out, "soak")
     engine = load(path, policy="lru", gpu_budget=budgets.split(",")[0], device=device)
+    run_dir = new_run_dir(out, "soak")  # after the load: a refused model leaves no run directory
     prompts = [engine.encode(p) for p in read_prompts(None)]
     seen: dict[int, list[int]] = {}
     rows, warm = [], None

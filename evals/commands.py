@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from tide.config import DTYPES, REGIMES, parse_refresh_interval
+from tide.evals.extras import require_eval_extra
 from tide.hub import MODEL_HELP as HUB_MODEL_HELP
 from tide.options import cpu_threads_option, device_option
 
@@ -28,7 +29,7 @@ def shared_options(f):
         click.option("--dtype", type=click.Choice(DTYPES), default=None,
                      help="Compute dtype (default: the checkpoint's)."),
         cpu_threads_option("Worker threads for host-computed experts."),
-        click.option("--limit", type=int, default=None, help="Samples per task."),
+        click.option("--limit", type=click.IntRange(min=1), default=None, help="Samples per task."),
         click.option("--data", type=click.Path(dir_okay=False), default=None,
                      help="Local MBPP-sanitized JSON/JSONL for tide_mbpp_sanitized (offline runs)."),
         click.option("--offline", is_flag=True, help="Never reach the Hugging Face hub (automatic for TIDE's tasks)."),
@@ -36,9 +37,10 @@ def shared_options(f):
         click.option("--block-length", type=int, default=None, help="Tokens per diffusion block (default 32)."),
         click.option("--steps", type=int, default=None, help="Denoising steps per block at most (default 32)."),
         click.option("--threshold", type=float, default=None, help="Commit confidence threshold (default 0.95)."),
-        click.option("--temperature", type=float, default=None,
+        click.option("--temperature", type=click.FloatRange(min=0), default=None,
                      help="Sampling temperature; > 0 turns sampling on, 0 is greedy (default: the task's)."),
-        click.option("--seed", default=0, show_default=True, help="Seed of sampling and Monte Carlo draws."),
+        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+                     help="Seed of sampling and Monte Carlo draws."),
         click.option("--profile", type=click.Path(dir_okay=False), default=None,
                      help="Hardware profile for TIDE's planner (default: a quick calibration)."),
         click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -72,12 +74,14 @@ def decode_flags(kw: dict) -> dict:
                                       "else full-offload.")
 @click.option("--apply-chat-template", is_flag=True, help="Wrap prompts in the tokenizer's chat template.")
 @click.option("--log-samples", is_flag=True, help="Write lm-eval's per-sample outputs (lm_eval/<run>/).")
-@click.option("--mc-samples", type=int, default=None, help="Monte Carlo draws per log-likelihood (default 16).")
+@click.option("--mc-samples", type=click.IntRange(min=1), default=None,
+              help="Monte Carlo draws per log-likelihood (default 16).")
 @click.option("--refresh-interval", default="4", show_default=True, help="tide's R, or auto (planner).")
 @click.option("--confirm-run-unsafe-code", is_flag=True, help="Allow tasks that execute generated code.")
 @click.option("--check-lossless", is_flag=True, help="Exit 1 if any policy's outputs differ from the comparison's.")
 def eval_command(**kw) -> None:
     """Accuracy with lm-evaluation-harness under each policy, with throughput and losslessness from the same runs."""
+    require_eval_extra("tide eval")
     from tide.evals.harness import EvalSpec, run_eval
 
     for name in ("policies", "budgets", "regimes", "tasks"):
@@ -108,7 +112,17 @@ def eval_command(**kw) -> None:
 @click.option("--budgets", default=None, help="Default: the paper's (128/layer,64/layer for mini; 64,32 for flash).")
 @click.option("--regimes", default=None, help="Default: block-kv,full.")
 def reproduce_command(**kw) -> None:
-    """The paper's MBPP experiment: every policy x budget x regime, pass@1 and tok/s, beside the paper's figures."""
+    """The paper's MBPP experiment: every policy x budget x regime, pass@1 and tok/s, beside the paper's figures.
+
+    \b
+    On a GPU box, with LLaDA2.0 and MBPP sanitized on local disk (README, "Reproduce the paper"):
+      tide reproduce --model /data/LLaDA2.0-mini --device cuda --data /data/mbpp/data/sanitized-mbpp.json
+      tide reproduce --model /data/LLaDA2.0-flash --device cuda --data /data/mbpp/data/sanitized-mbpp.json
+    The budgets default to the paper's (128/layer and 64/layer for mini, 64 and 32 for flash); --limit 20 is a
+    first look. Without --model: the same pipeline on the built-in model and its task (a check of the
+    pipeline, not of the paper's numbers).
+    """
+    require_eval_extra("tide reproduce")
     from tide.config import ModelConfig
     from tide.evals.reproduce import paper_model, reproduce_spec, run_reproduce
     from tide.hub import resolve_model
@@ -126,6 +140,9 @@ def reproduce_command(**kw) -> None:
 
 
 def _has_chat_template(path) -> bool:
-    config = path / "tokenizer_config.json"
-    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template")) or any(
-        path.glob("*.jinja"))
+    """Whether the checkpoint's tokenizer, loaded as the engine loads it, has a chat template (wherever it keeps
+    it: tokenizer_config.json or chat_template.jinja)."""
+    from tide.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    return bool(tokenizer is not None and getattr(tokenizer, "chat_template", None))

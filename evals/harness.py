@@ -57,6 +57,7 @@ class EvalSpec:
     profile: str | None = None
     confirm_unsafe_code: bool = False
     out: str | None = None
+    out_claimed: bool = False  # `out` is a run directory the caller already claimed (tide reproduce)
     command: str = ""
 
 
@@ -124,6 +125,22 @@ def choose_against(spec: EvalSpec, fits: bool, why: str) -> tuple[str, str]:
                                             "the exact comparison")
 
 
+def check_spec(spec: EvalSpec) -> None:
+    """Refuse unknown policies and regimes before any run directory exists or any model loads."""
+    import tide.baselines  # noqa: F401  (registers the baseline policies)
+    import tide.refresh  # noqa: F401
+    from tide.config import REGIMES
+    from tide.policy import load_registered
+
+    unknown = [p for p in spec.policies if p.split("+")[0] not in load_registered()]
+    if unknown or not spec.policies:
+        raise ValueError(f"--policies {', '.join(unknown) or '(none)'}: choose from "
+                         f"{', '.join(sorted(load_registered()))}")
+    bad = [r for r in spec.regimes if r not in REGIMES]
+    if bad or not spec.regimes:
+        raise ValueError(f"--regimes {', '.join(bad) or '(none)'}: choose from {', '.join(REGIMES)}")
+
+
 def run_eval(spec: EvalSpec, on_run=None) -> tuple[dict[str, Any], list[dict], dict[str, Any]]:
     """Everything `tide eval` does; returns the summary (run directory, rows, LOSSY runs), the rows, the header."""
     import tide.baselines  # noqa: F401  (registers the baseline policies)
@@ -132,6 +149,7 @@ def run_eval(spec: EvalSpec, on_run=None) -> tuple[dict[str, Any], list[dict], d
     from tide.evals.lossless import all_resident_fits
     from tide.hub import new_run_dir, resolve_model
 
+    check_spec(spec)
     if spec.offline or all(t in OUR_TASKS for t in spec.tasks):
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -139,7 +157,7 @@ def run_eval(spec: EvalSpec, on_run=None) -> tuple[dict[str, Any], list[dict], d
     model = resolve_model(spec.model, notes)
     manager = task_manager(spec.include_path, spec.data)
     check_tasks(manager, spec.tasks)
-    run_dir = new_run_dir(spec.out, "eval")
+    run_dir = Path(spec.out) if spec.out_claimed else new_run_dir(spec.out, "eval")
     engine = load(model, policy="full-offload", gpu_budget=spec.budgets[0], device=spec.device, dtype=spec.dtype,
                   cpu_threads=spec.cpu_threads)
     notes += engine.notes

@@ -15,6 +15,14 @@ from pathlib import Path
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 SUBCOMMANDS = ("run", "ls", "validate")
+PREFACE = f"""tide-lm-eval: lm-eval's own command line (its help follows) with the `tide` model registered and TIDE's
+tasks ({TASK_DIR}) on its task path.
+
+Why not plain `lm_eval --model tide`: lm-eval 0.4 has no plugin discovery; a model exists for it only once its
+module is imported, and `lm_eval` imports none of ours. The one-line alternative to this command:
+  python -c "import tide.evals.lm_eval_model, lm_eval.__main__ as m; m.cli_evaluate()" --model tide \\
+      --include_path {TASK_DIR} ...
+"""
 
 
 def with_task_dir(argv: list[str]) -> list[str]:
@@ -28,13 +36,27 @@ def with_task_dir(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tide.evals.extras import require_eval_extra
+
+    try:
+        require_eval_extra("tide-lm-eval")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     from lm_eval.__main__ import cli_evaluate
 
     import tide.evals.lm_eval_model  # noqa: F401  (registers the `tide` model with lm-eval)
 
     args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(PREFACE)
     sys.argv = [sys.argv[0] if sys.argv else "tide-lm-eval", *with_task_dir(args)]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (ValueError, OSError) as err:  # bad input (model_args, files, a missing chat template): a sentence
+        message = f"{err.filename}: {err.strerror or err}" if isinstance(err, OSError) and err.filename else err
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Built by lm-eval's CLI (`tide-lm-eval --model tide --model_args pretrained=DIR,policy=tide,gpu_budget=128/layer`)
 or handed a loaded engine (`tide eval`). lm-eval's own `batch_size`, `max_batch_size` and `device` are accepted
-(requests run one at a time; `device` places the model). Unknown model_args are an error naming the known ones.
+(requests run one at a time; `device` places the model: a CUDA device on a machine without CUDA falls back
+to the CPU with a warning, as lm-eval's HF model does). Unknown model_args are an error naming the known ones.
 
 generate_until: the block-diffusion decoder, cut at the first stop string. Decode settings per request: the
 task's gen_kwargs (`max_gen_toks`, `do_sample`, `temperature`, `top_p`, `top_k`) over the model_args, unless
@@ -21,6 +22,7 @@ depend on the context only, so the choices of one question are scored on the sam
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from itertools import combinations
@@ -71,8 +73,16 @@ class TideLM(TemplateLM):
         self.model_decode = {k: v for k, v in dict(
             gen_length=gen_length, block_length=block_length, steps=steps, threshold=threshold,
             temperature=temperature, top_p=top_p, top_k=top_k, regime=regime).items() if v is not None}
-        self.do_sample, self.decode_from, self.seed = do_sample, decode_from, int(seed)
-        self.mc_samples, self.progress = int(mc_samples), progress
+        try:  # every model_arg checked here, with the CLI's rules, before any request runs
+            DecodeConfig(**self.model_decode)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"tide: model_args: {err}") from None
+        for name, value in (("mc_samples", mc_samples), ("seed", seed)):
+            if not isinstance(value, int) or isinstance(value, bool) or (name == "mc_samples" and value < 1):
+                raise ValueError(f"tide: model_args {name}={value!r}: expected an integer"
+                                 + (" >= 1" if name == "mc_samples" else ""))
+        self.do_sample, self.decode_from, self.seed = do_sample, decode_from, seed
+        self.mc_samples, self.progress = mc_samples, progress
         self.batch_size = batch_size  # accepted for lm-eval; requests run one at a time
         self._rank, self._world_size = 0, 1
         self.records: list[dict[str, Any]] = []  # per request: task, doc, index, kind, output, stats
@@ -88,6 +98,17 @@ class TideLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return str(getattr(self.tokenizer, "name_or_path", "") or self.name).replace("/", "__")
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> TideLM:
+        """lm-eval's constructor path, with model_args winning over lm-eval's own settings of the same name
+        (`device=cpu` in model_args against lm-eval's --device default of cuda:0), where lm-eval's base class
+        passes both and fails with a TypeError."""
+        from lm_eval import utils
+
+        args = utils.simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
 
@@ -97,7 +118,8 @@ class TideLM(TemplateLM):
         template = getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise ValueError(f"tide: {self.name}: the tokenizer has no chat template ('chat_template' in "
-                             "tokenizer_config.json); run without --apply_chat_template")
+                             "tokenizer_config.json, or a chat_template.jinja beside it); run without "
+                             "--apply_chat_template")
         if isinstance(template, dict):
             name = chat_template if isinstance(chat_template, str) else "default"
             if name not in template:
@@ -106,9 +128,10 @@ class TideLM(TemplateLM):
         return template
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        from tide.engine import apply_chat_template
+
         self.chat_template(True)  # a clear error when there is none
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return apply_chat_template(self.tokenizer, chat_history, add_generation_prompt)
 
     def get_model_info(self) -> dict[str, Any]:
         return {"model": self.name, "policy": self.policy, "slots_per_layer": self.engine.store.slots,
@@ -250,9 +273,10 @@ def _load_engine(pretrained: str | None, policy: str, gpu_budget: str | None, de
     from tide.engine import load, torch_dtype
     from tide.hub import resolve_model
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"tide: device {device!r} but CUDA is not available here (lm-eval's --device defaults to "
-                         "cuda:0: pass --device cpu)")
+    if device.startswith("cuda") and not torch.cuda.is_available():  # as lm-eval's own HF model does
+        logging.getLogger("tide").warning("tide: device %r, but CUDA is not available here: running on the CPU "
+                                          "(lm-eval's --device defaults to cuda:0; --device cpu says so)", device)
+        device = "cpu"
     device = str(resolve_device(device))  # indexed, as the engine and the calibration use it
     path = resolve_model(pretrained)
     options: dict[str, Any] = {}

@@ -11,6 +11,7 @@ accidents of generated code, not against code written to escape (ctypes can undo
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -20,11 +21,14 @@ from pathlib import Path
 
 FILE_LIMIT_BYTES = 64 << 20
 
-# Runs in the child before the program: argv = [scratch dir, memory bytes, cpu seconds, file-size bytes].
+# Runs in the child before the program: argv = [scratch dir, memory bytes, cpu seconds, file-size bytes, marker
+# fd]; stdin holds the run's secret marker, written to the marker fd only when the whole program ran to its end.
 GUARD = r"""
 import builtins, io, os, resource, shutil, socket, subprocess, sys
 root = os.path.realpath(sys.argv[1])
 memory, cpu_s, fsize = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+finished = (lambda fd, marker: lambda: os.write(fd, marker))(int(sys.argv[5]), sys.stdin.buffer.read())
+sys.stdin = open(os.devnull)
 for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu_s), (resource.RLIMIT_FSIZE, fsize)):
     try:
         resource.setrlimit(limit, (value, value))
@@ -71,6 +75,7 @@ for module, names in DISABLED.items():
             setattr(module, name, refuse(f"{module.__name__}.{name}"))
 sys.argv = ["program.py"]
 exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__builtins__": builtins})
+finished()  # not reached when the program exits early (sys.exit, SystemExit, os._exit) or an assert fails
 """
 
 
@@ -81,23 +86,41 @@ class Outcome:
 
 
 def run_program(program: str, timeout_s: float = 10.0, memory_bytes: int = 4 << 30) -> Outcome:
-    """Run `program` as described in the module docstring; it passes when it exits 0 within `timeout_s`."""
-    with tempfile.TemporaryDirectory(prefix="tide-sandbox-") as scratch:
-        (Path(scratch) / "program.py").write_text(program)
-        cpu_s = int(timeout_s) + 1
-        cmd = [sys.executable, "-I", "-c", GUARD, scratch, str(memory_bytes), str(cpu_s), str(FILE_LIMIT_BYTES)]
-        env = {"PATH": os.defpath, "HOME": scratch, "TMPDIR": scratch, "PYTHONHASHSEED": "0", "LANG": "C.UTF-8"}
-        proc = subprocess.Popen(cmd, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, start_new_session=True)
+    """Run `program` as described in the module docstring. It passes when it ran to its last statement (the
+    guard then writes this run's secret marker to a pipe the program was not told about) and exited 0 within
+    `timeout_s`: a program that leaves before its asserts (sys.exit(0), SystemExit, os._exit(0)) has not passed."""
+    marker = secrets.token_hex(16).encode()
+    read_end, write_end = os.pipe()
+    try:
+        with tempfile.TemporaryDirectory(prefix="tide-sandbox-") as scratch:
+            (Path(scratch) / "program.py").write_text(program)
+            cpu_s = int(timeout_s) + 1
+            cmd = [sys.executable, "-I", "-c", GUARD, scratch, str(memory_bytes), str(cpu_s), str(FILE_LIMIT_BYTES),
+                   str(write_end)]
+            env = {"PATH": os.defpath, "HOME": scratch, "TMPDIR": scratch, "PYTHONHASHSEED": "0", "LANG": "C.UTF-8"}
+            proc = subprocess.Popen(cmd, cwd=scratch, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, start_new_session=True, pass_fds=(write_end,))
+            os.close(write_end)
+            write_end = -1
+            try:
+                _, err = proc.communicate(input=marker, timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                return Outcome(False, "timed out")
+            finally:
+                _kill_group(proc)  # and children it may have left behind
+        os.set_blocking(read_end, False)  # the marker, if any, is in the pipe already; a stray child holds no wait
         try:
-            _, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            return Outcome(False, "timed out")
-        finally:
-            _kill_group(proc)  # children it may have left behind
-    if proc.returncode == 0:
+            reached_the_end = os.read(read_end, 4 * len(marker)) == marker
+        except BlockingIOError:
+            reached_the_end = False
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    if proc.returncode == 0 and reached_the_end:
         return Outcome(True, "passed")
+    if proc.returncode == 0:
+        return Outcome(False, "failed: exited before its last statement (its asserts did not all run)")
     lines = err.decode(errors="replace").strip().splitlines()
     return Outcome(False, "failed: " + (lines[-1] if lines else f"exit code {proc.returncode}"))
 

@@ -185,3 +185,59 @@ def test_soak_holds_on_a_short_run(tiny_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert "Every check holds." in (tmp_path / "s" / "soak.md").read_text()
     assert len((tmp_path / "s" / "soak.csv").read_text().splitlines()) == 13
+
+
+def _bench_frame(budgets: list[str], regimes=("block-kv", "full")) -> "pd.DataFrame":
+    import pandas as pd
+
+    rows = []
+    for regime in regimes:
+        for variant, budget in [("reference", "all")] + [(v, b) for v in ("lru", "tide") for b in budgets]:
+            for repeat in (0, 1):
+                rows.append({"kind": "measured", "variant": variant, "budget": budget, "regime": regime,
+                             "slots_per_layer": 8 if budget == "all" else 2 + budgets.index(budget),
+                             "tokens_per_s": 3.9 + 0.1 * repeat + (regime == "full"), "forwards_per_block": 8,
+                             "bytes_h2d": 14400.0, "gpu_hit_ratio": 0.5, "pairs_cpu": 10, "moe_s": 0.1,
+                             "lossless_level": "a", "identical_to_reference": True, "identical_to_tier_matched": None,
+                             "top1_agreement": 1.0, "top1_flips": 0, "top1_positions": 32, "refresh_interval": 4,
+                             "repeat": repeat})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("budgets", [["25%"], ["25%", "50%"]])
+def test_bench_png_shows_every_policy_from_zero_on_one_scale(tmp_path, budgets):
+    """Bars per policy at each budget, y from 0, the same y scale in every panel, the reference as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tide.bench import report
+
+    shown = {}
+    real_savefig = plt.Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        shown["axes"] = fig.axes
+        return real_savefig(fig, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plt.Figure, "savefig", capture)
+        report.plot(_bench_frame(budgets), tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    axes = shown["axes"]
+    assert len(axes) == 2 and len({ax.get_ylim() for ax in axes}) == 1
+    for ax in axes:
+        assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] > 4.0
+        assert len(ax.containers) >= 2  # one bar series per policy other than the reference (plus error bars)
+        assert sum(len(c.patches) for c in ax.containers if hasattr(c, "patches")) == 2 * len(budgets)
+        assert any(line.get_linestyle() == "--" for line in ax.get_lines())  # the reference
+
+
+def test_terminal_table_is_compact_and_formatted_for_people():
+    from tide.bench import report
+
+    text = report.compact(_bench_frame(["25%"]))
+    assert max(len(line) for line in text.splitlines()) < 120 and "e+" not in text
+    assert "0.0144" in text or "0.014" in text  # MB H2D: 14,400 bytes
+    assert report.number(14400.0) == "14,400" and report.number(3.14159) == "3.14"

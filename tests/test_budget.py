@@ -38,3 +38,14 @@ def test_byte_units_have_one_meaning():
 def test_errors(budget, message):
     with pytest.raises(ValueError, match=message):
         slots_per_layer(budget, SIZES)
+
+
+def test_parse_bytes_keeps_the_units_the_readme_states_where_accelerate_differs():
+    from accelerate.utils import convert_file_size_to_int
+
+    from tide.budget import parse_bytes
+
+    assert parse_bytes("10GB") == convert_file_size_to_int("10GB") == 10 * 10**9
+    assert parse_bytes("8GiB") == convert_file_size_to_int("8GiB") == 8 << 30
+    assert parse_bytes("123456") == 123456 and parse_bytes("1kb") == 1000  # accelerate: refused, and 125 (kilobits)
+    assert convert_file_size_to_int("1kb") == 125

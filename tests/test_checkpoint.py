@@ -143,3 +143,44 @@ def test_tokenizer_round_trip(tiny_dir):
     text = "def f(x):\n    return x + 1  # ünïcode"
     assert engine.decode(engine.encode(text)) == text
     assert (engine.mask_id, engine.eos_id) == (258, 257)
+
+
+def test_byte_table_is_tokenizers_alphabet_in_byte_order_and_tokenizers_are_saved_by_transformers(tmp_path):
+    from tokenizers import pre_tokenizers
+
+    from tide.checkpoint import _bytes_to_unicode, load_tokenizer, write_byte_tokenizer
+    from tide.config import preset
+
+    assert sorted(_bytes_to_unicode()) == sorted(pre_tokenizers.ByteLevel.alphabet())
+    write_byte_tokenizer(tmp_path, preset("tiny"))
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in tmp_path.iterdir()}
+    tok = load_tokenizer(tmp_path)
+    assert tok.decode(tok.encode("copy 123=")) == "copy 123="
+
+
+def test_tensors_that_no_parameter_uses_are_refused_before_loading(tmp_path):
+    """An extra tensor, or q/k norms under use_qk_norm: false: config.json and the weights disagree."""
+    import json
+
+    from tide.checkpoint import CheckpointError, CheckpointReader, write_random_checkpoint
+    from tide.config import preset
+
+    write_random_checkpoint(preset("tiny"), tmp_path / "m", seed=0)
+    CheckpointReader(tmp_path / "m").check_no_unused()  # as written: every tensor is used
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "use_qk_norm": False}))
+    with pytest.raises(CheckpointError, match="no parameter of this config.json uses: .*norm"):
+        CheckpointReader(tmp_path / "m").check_no_unused()
+
+
+def test_more_layers_in_config_than_in_the_weights_is_refused_at_once(tmp_path):
+    import json
+
+    from tide.checkpoint import CheckpointError, CheckpointReader, write_random_checkpoint
+    from tide.config import preset
+
+    write_random_checkpoint(preset("tiny"), tmp_path / "m", seed=0)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**7}))
+    with pytest.raises(CheckpointError, match="num_hidden_layers = 10000000 but the checkpoint holds 3"):
+        CheckpointReader(tmp_path / "m")  # before any model of that size is built

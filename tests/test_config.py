@@ -78,3 +78,23 @@ def test_decode_config_validation():
         DecodeConfig(regime="paged")
     with pytest.raises(ValueError, match="threshold"):
         DecodeConfig(threshold=1.5)
+
+
+@pytest.mark.parametrize("change,phrase", [
+    ({"norm_topk_prob": "no"}, "norm_topk_prob"), ({"tie_word_embeddings": "false"}, "tie_word_embeddings"),
+    ({"mask_token_id": 3.0}, "mask_token_id"), ({"use_qk_norm": 1}, "use_qk_norm"),
+])
+def test_fields_that_change_the_function_are_checked_not_coerced(change, phrase):
+    from tide.config import ModelConfig, preset
+
+    raw = preset("tiny").to_dict()
+    with pytest.raises(ValueError, match=phrase):
+        ModelConfig.from_dict({**raw, **change})
+
+
+def test_mask_id_equal_to_eos_is_refused():
+    from tide.config import ModelConfig, preset
+
+    raw = preset("tiny").to_dict()
+    with pytest.raises(ValueError, match="mask_token_id"):
+        ModelConfig.from_dict({**raw, "mask_token_id": raw["eos_token_id"]})

@@ -53,9 +53,16 @@ def test_lm_eval_arguments_are_accepted_and_unknown_ones_named(tiny_dir):
     assert lm.engine.store.slots == 4 and lm.rank == 0 and lm.world_size == 1
     with pytest.raises(ValueError, match="unknown model_args.*'colour'"):
         TideLM.create_from_arg_string(f"pretrained={tiny_dir},colour=red")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="pass --device cpu"):
-            TideLM.create_from_arg_string(f"pretrained={tiny_dir}", {"device": "cuda:0"})
+
+def test_lm_eval_default_cuda_device_falls_back_to_the_cpu_with_a_warning(tiny_dir, caplog):
+    """lm-eval's --device defaults to cuda:0; on a machine without CUDA the model runs on the CPU and says so."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with caplog.at_level("WARNING", logger="tide"):
+        lm = TideLM.create_from_arg_string(f"pretrained={tiny_dir},policy=lru,gpu_budget=4/layer",
+                                           {"device": "cuda:0"})
+    assert next(lm.engine.model.parameters()).device.type == "cpu"
+    assert "CUDA is not available here: running on the CPU" in caplog.text
 
 
 def test_decode_settings_task_versus_model(tiny_dir):
@@ -212,3 +219,17 @@ def test_generate_chat_flag(chat_dir, tiny_dir):
     assert res.exit_code == 0, res.output
     res = cli("generate", "--model", tiny_dir, "--prompt", "hi", "--chat", "--gen-length", 8)
     assert res.exit_code == 2 and "no chat template" in res.output
+
+
+@pytest.mark.parametrize("args,phrase", [("gen_length=-5", "gen_length"), ("mc_samples=0", "mc_samples"),
+                                         ("mc_samples=abc", "mc_samples"), ("temperature=-1", "temperature"),
+                                         ("steps=0", "steps")])
+def test_bad_model_args_are_refused_before_any_request(tiny_dir, args, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        TideLM.create_from_arg_string(f"pretrained={tiny_dir},{args}", {"device": "cpu"})
+
+
+def test_device_in_model_args_wins_over_lm_evals_own(tiny_dir):
+    lm = TideLM.create_from_arg_string(f"pretrained={tiny_dir},policy=lru,gpu_budget=4/layer,device=cpu",
+                                       {"device": "cuda:0", "batch_size": 1})
+    assert next(lm.engine.model.parameters()).device.type == "cpu"

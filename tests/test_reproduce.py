@@ -30,7 +30,7 @@ def test_report_puts_the_papers_figures_beside_ours_labelled_second_hand():
                                                         "apply_chat_template": True, "budgets": ["128/layer"],
                                                         "regimes": ["block-kv"], "refresh_interval": "auto"}}
     text = report(rows, header, "mini")
-    assert "second-hand" in text and "2.44 tok/s" in text and "| 1.5 |" in text  # tide's speed-up over lru
+    assert "second-hand" in text and "2.44 tok/s" in text and "| 1.50 |" in text  # tide's speed-up over lru
 
 
 def test_reproduce_on_the_built_in_model_writes_its_report(tmp_path):
@@ -45,3 +45,19 @@ def test_reproduce_on_the_built_in_model_writes_its_report(tmp_path):
     requests = __import__("pandas").read_csv(out / "requests.csv")
     assert len(requests) == 5 * 2 and (requests.generated_tokens > 0).all()  # (reference + 2 x 2 budgets) x 2
     assert list((out / "lm_eval").rglob("samples_*.jsonl"))  # per-sample outputs are kept
+
+
+def test_table1_gives_tides_speed_up_over_the_reference_at_each_budget():
+    from tide.evals.reproduce import table1
+
+    def row(policy, budget, tokens_per_s):
+        return {"task": "t", "metric": "pass@1", "value": 0.5, "stderr": 0.01, "policy": policy, "budget": budget,
+                "regime": "block-kv", "tokens_per_s": tokens_per_s, "tokens_per_s_per_sample": tokens_per_s,
+                "identical_fraction": 1.0, "mb_h2d": 1.0, "gpu_hit_ratio": 0.9}
+
+    rows = [row("reference", "all", 4.0), row("lru", "64/layer", 1.0), row("tide", "64/layer", 2.0),
+            row("lru", "128/layer", 3.0), row("tide", "128/layer", 3.0)]
+    t = table1(rows, "reference", None).set_index(["policy", "budget"])["tide speed-up over it"]
+    assert t["reference", "all"] == "0.5 at 64/layer, 0.75 at 128/layer"  # TIDE slower than all-resident
+    assert t["lru", "64/layer"] == 2.0 and t["lru", "128/layer"] == 1.0
+    assert t["tide", "64/layer"] is None

@@ -29,6 +29,18 @@ def test_sandbox_passes_fails_and_stops_loops():
     assert looping.status == "timed out" and time.perf_counter() - t0 < 10
 
 
+def test_sandbox_passes_only_a_program_that_ran_every_assert():
+    """Exit code 0 is not enough: a program that leaves before its failing asserts has not passed."""
+    for early in ("import sys; sys.exit(0)", "raise SystemExit", "raise SystemExit(0)", "import os; os._exit(0)",
+                  "import sys; sys.stdin.read(); sys.exit(0)"):
+        outcome = run_program(f"{early}\nassert 1 == 2\n")
+        assert not outcome.passed and "before its last statement" in outcome.status, (early, outcome)
+    # an atexit hook runs after the guard has seen the program through: it cannot turn a failure into a pass
+    hooked = run_program("import atexit, os\natexit.register(lambda: os._exit(0))\nassert 1 == 2\n")
+    assert not hooked.passed
+    assert run_program("import atexit\natexit.register(print)\nassert 2 == 2\n").passed
+
+
 def test_sandbox_cannot_touch_files_outside_or_reach_the_network(tmp_path):
     victim = tmp_path / "keep.txt"
     victim.write_text("keep")

@@ -5,6 +5,7 @@ import math
 import shutil
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from tide.cli import main
@@ -177,7 +178,9 @@ def test_nan_weight_detected_and_the_check_can_be_skipped(model):
     tensors[name].view(-1)[0] = math.nan
     save_file(tensors, str(shard), metadata={"format": "pt"})
     sentence(cli("generate", "--model", model, *GEN), name, "finite")
-    assert cli("generate", "--model", model, *GEN, "--no-check-finite").exit_code == 0
+    skipped = cli("generate", "--model", model, *GEN, "--no-check-finite")  # loads; a NaN reaching the logits is
+    assert skipped.exit_code == 0 or "non-finite logits" in skipped.output, skipped.output  # a sentence, not tokens
+    assert name not in skipped.output
 
 
 def test_integer_tensor_refused(model):
@@ -212,4 +215,171 @@ def test_checkpoint_code_never_runs(model, tmp_path):
 def test_train_uses_the_global_threads():
     from tide.train import train_command
 
-    assert "threads" not in [p.name for p in train_command.params]  # one --threads: the global one
+    threads = [p for p in train_command.params if p.name == "threads"]  # one --threads: the global one
+    assert len(threads) == 1 and not threads[0].expose_value
+
+
+def test_nothing_written_is_ever_silently_replaced(tmp_path, tiny_dir):
+    """Files and directories are claimed atomically: an existing output is refused (calibrate --out, generate
+    --trace), and of two commands given the same new name one gets it and the other says so."""
+    from tide.hub import model_dir_writer, new_run_dir, write_new
+
+    profile = tmp_path / "p.json"
+    profile.write_text("{}")
+    sentence(cli("calibrate", "--estimate", "a100-pcie4", "--out", profile), "p.json", "exists")
+    assert profile.read_text() == "{}"
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("old")
+    sentence(cli("generate", "--model", tiny_dir, "--prompt", "x", "--trace", trace), "t.jsonl", "exists")
+    assert trace.read_text() == "old"
+
+    late = tmp_path / "late.json"  # created between the entry check and the write: still not replaced
+    with pytest.raises(ValueError, match="exists"):
+        write_new(late, lambda tmp: (late.write_text("first"), tmp.write_text("second")))
+    assert late.read_text() == "first" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    run = tmp_path / "run"
+    assert new_run_dir(run, "x") == run
+    with pytest.raises(ValueError, match="not empty"):
+        new_run_dir(run, "x")  # the second of two runs given one --out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    new_run_dir(empty, "x")
+    with pytest.raises(ValueError, match="not empty"):
+        new_run_dir(empty, "x")
+
+    out = tmp_path / "model"  # two writers that both found `out` free; the first to finish keeps it
+    first, second = model_dir_writer(out), model_dir_writer(out)
+    (first.__enter__() / "config.json").write_text("first")
+    (second.__enter__() / "config.json").write_text("second")
+    first.__exit__(None, None, None)
+    with pytest.raises(ValueError, match="another command wrote there"):
+        second.__exit__(None, None, None)
+    assert (out / "config.json").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_threads_is_accepted_after_every_command(tmp_path):
+    import torch
+
+    for name, command in main.commands.items():
+        assert any(p.name == "threads" for p in command.params), name
+    before = torch.get_num_threads()
+    try:
+        res = cli("calibrate", "--estimate", "a100-pcie4", "--out", tmp_path / "p.json", "--threads", 1)
+        assert res.exit_code == 0, res.output
+        assert torch.get_num_threads() == 1
+        sentence(cli("calibrate", "--estimate", "a100-pcie4", "--out", tmp_path / "q.json", "--threads", 0),
+                 "--threads")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_missing_eval_extra_is_a_sentence_naming_the_extra(monkeypatch, tiny_dir):
+    import importlib.util
+
+    from tide.evals import extras
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(extras, "find_spec", lambda name: None if name == "lm_eval" else real(name))
+    sentence(cli("eval", "--model", tiny_dir), "tide eval needs lm-eval", "pip install 'tide-dllm[eval]'")
+    sentence(cli("reproduce"), "tide reproduce needs lm-eval", "[eval]")
+    from tide.evals.lm_eval_cli import main as lm_eval_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        lm_eval_main(["--help"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("args,phrase", [
+    (["generate", "--prompt", "x", "--cpu-threads", "0"], "--cpu-threads"),
+    (["plan", "--max-interval", "0"], "--max-interval"),
+    (["make-checkpoint", "--shard-size", "0", "--out", "{tmp}/m"], "--shard-size"),
+    (["eval", "--mc-samples", "0"], "--mc-samples"),
+    (["eval", "--mc-samples", "-3"], "--mc-samples"),
+    (["eval", "--temperature", "-1"], "--temperature"),
+    (["generate", "--prompt", "x", "--temperature", "-1"], "--temperature"),
+])
+def test_values_that_once_became_the_default_silently_are_refused(tmp_path, args, phrase):
+    sentence(cli(*[a.format(tmp=tmp_path) for a in args]), phrase)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("args,phrase", [
+    (["generate", "--prompt", "x", "--seed", str(2**64)], "--seed"),
+    (["train", "--out", "{tmp}/t", "--lr", "nan"], "--lr"),
+    (["eval", "--limit", "0"], "--limit"),
+    (["eval", "--limit", "-1"], "--limit"),
+])
+def test_unclear_errors_are_now_sentences_naming_the_option(tmp_path, args, phrase):
+    sentence(cli(*[a.format(tmp=tmp_path) for a in args]), phrase)
+
+
+def test_a_bad_generation_config_is_named(model):
+    file = model / "generation_config.json"
+    config = json.loads(file.read_text()) if file.is_file() else {}
+    (model / "generation_config.json").write_text(json.dumps({**config, "steps": 0}))
+    sentence(cli("generate", "--model", model, "--prompt", "x"), "generation_config.json", "steps")
+
+
+def test_refused_runs_leave_no_run_directory(tmp_path, monkeypatch, tiny_dir):
+    monkeypatch.chdir(tmp_path)
+    sentence(cli("reproduce", "--policies", "bogus"), "bogus")
+    sentence(cli("bench", "--model", tiny_dir, "--policies", ""), "--policies")
+    sentence(cli("bench", "--model", tiny_dir, "--budgets", ""), "--budgets")
+    sentence(cli("generate", "--model", tiny_dir, "--prompt", "x", "--gpu-budget", "inf"), "inf")
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+
+
+@pytest.mark.parametrize("template,phrase", [("{{ raise_exception('no system role') }}", "no system role"),
+                                             ("{% for %}", "TemplateSyntaxError"),
+                                             ("{{ ''.__class__.__mro__ }}", "chat template failed")])
+def test_a_chat_template_that_fails_is_a_sentence(model, template, phrase):
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    sentence(cli("generate", "--model", model, "--prompt", "x", "--chat", "--gen-length", "8"), phrase)
+
+
+def test_mask_ids_in_the_prompt_are_refused(model):
+    from tide.config import ModelConfig
+
+    mask = ModelConfig.from_json(model / "config.json").mask_token_id
+    sentence(cli("generate", "--model", model, "--prompt-ids", f"1,{mask},2"), "mask token id")
+
+
+def test_finite_weights_that_would_overflow_in_the_forward_are_refused_at_load(model):
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted(model.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = next(n for n in tensors if n.endswith("word_embeddings.weight") or n.endswith("embed_tokens.weight"))
+    tensors[name] = torch.full_like(tensors[name], 3e38)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    sentence(cli("generate", "--model", model, "--prompt-ids", "1,2,3", "--gen-length", "8"), name, "overflow")
+
+
+@pytest.mark.parametrize("args,phrase", [(["--model", "/no/such/model"], "such"),
+                                         (["--policies", "nonsense"], "nonsense"), (["--budgets", "lots"], "lots"),
+                                         (["--gen-length", "0"], "--gen-length")])
+def test_soak_has_the_same_error_path(tmp_path, monkeypatch, args, phrase):
+    from tide.bench.soak import main as soak
+
+    monkeypatch.chdir(tmp_path)
+    sentence(CliRunner().invoke(soak, ["--requests", "2", *args]), phrase)
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_killed_writers_temp_directory_is_cleaned_by_the_next(tmp_path):
+    import subprocess
+    import sys
+
+    from tide.hub import model_dir_writer
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    orphan = tmp_path / f".model.{dead}.abc.tmp"
+    orphan.mkdir()
+    (orphan / "model.safetensors").write_text("half")
+    with model_dir_writer(tmp_path / "model") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert not orphan.exists() and (tmp_path / "model" / "config.json").is_file()

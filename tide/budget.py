@@ -53,14 +53,15 @@ UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 1
 
 
 def parse_bytes(text: str, what: str = "size") -> int:
-    """'10GB' = 10*10^9, '8GiB' = 8*2^30, '123456' = bytes; units case-insensitive (mb = MB = 10^6 bytes)."""
+    """'10GB' = 10*10^9, '8GiB' = 8*2^30, '123456' = bytes; units case-insensitive (mb = MB = 10^6 bytes). Ours,
+    not accelerate's convert_file_size_to_int: that refuses the string '123456' and reads '1kb' as kilobits."""
     number = text.strip().rstrip("bBiIkKmMgGtT")
     unit = text.strip()[len(number):].lower()
     try:
         value = float(number)
     except ValueError:
         value = -1.0
-    if unit not in UNITS or not value >= 0 or value != value:
+    if unit not in UNITS or not 0 <= value < float("inf"):  # NaN and inf fail too
         raise ValueError(f"{what}: expected bytes like '10GB', '8GiB' or '123456' (B, KB, MB, GB, TB = powers of "
                          "1000; KiB, MiB, GiB, TiB = powers of 1024), experts like '64/layer', or a share like '50%'")
     return int(value * UNITS[unit])

@@ -25,9 +25,12 @@ from tide.experts.host_kernels import host_kernel as choose_host_kernel
 from tide.hub import source_stamp
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+BULK_COPY_BYTES = 64 << 20  # the bandwidth is timed on copies this large: a tiny expert's copy is all fixed cost
 
 
 def cpu_model() -> str:
+    """The CPU's model name. Ours, not py-cpuinfo (a dependency for one line of /proc/cpuinfo) or torch's
+    collect_env (it runs pip, nvidia-smi and other subprocesses: seconds per stamp)."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -46,6 +49,9 @@ def machine_stamp(device: str = "cpu", cpu_threads: int | None = None) -> dict:
 
 
 def median_s(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 3) -> float:
+    """Median seconds of `repeats` calls after warm-up; CUDA calls timed by events on the current stream. Ours,
+    not torch.utils.benchmark.Timer: `repeats` is the user's --repeats (blocked_autorange picks its own count and
+    reports blocks, not calls), and the copies timed here are asynchronous ones a block would overlap."""
     cuda = device.type == "cuda"
     until = time.perf_counter() + (0.2 if cuda else 0.0)
     while warmup > 0 or time.perf_counter() < until:
@@ -82,12 +88,18 @@ def calibrate(hidden_size: int, moe_intermediate_size: int, dtype: torch.dtype, 
     host = torch.randn(3 * I * H, dtype=torch.float32).to(dtype)
     if cuda:
         host = host.pin_memory()
-    dst = torch.empty_like(host, device=dev)
-    tiny_src, tiny_dst = host[:1024], dst[:1024]
-    copy_s = median_s(lambda: dst.copy_(host, non_blocking=True), dev, repeats)
-    fixed_s = median_s(lambda: tiny_dst.copy_(tiny_src, non_blocking=True), dev, repeats)
     nbytes = host.numel() * host.element_size()
-    h2d = nbytes / max(copy_s - fixed_s, 1e-9)
+    # bandwidth from a bulk copy of whole experts (at least BULK_COPY_BYTES), the fixed cost from a 1024-value
+    # copy: a copy of one tiny expert takes no longer than the fixed cost, and bytes over that difference would
+    # be a made-up figure
+    bulk = host.repeat(max(1, -(-BULK_COPY_BYTES // nbytes)))
+    if cuda:
+        bulk = bulk.pin_memory()
+    bulk_dst = torch.empty_like(bulk, device=dev)
+    tiny_src, tiny_dst = bulk[:1024], bulk_dst[:1024]
+    bulk_s = median_s(lambda: bulk_dst.copy_(bulk, non_blocking=True), dev, repeats)
+    fixed_s = median_s(lambda: tiny_dst.copy_(tiny_src, non_blocking=True), dev, repeats)
+    h2d = bulk.numel() * bulk.element_size() / bulk_s
 
     def curve(weights_device: torch.device) -> tuple[tuple[int, float], ...]:
         row = host.to(weights_device)

@@ -38,6 +38,11 @@ def expert_name(layer: int, expert: int, proj: str) -> str:
     return f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
 
 
+# Largest weight magnitude accepted: squares of larger values summed over a hidden size of 8192 overflow fp32
+# (RMSNorm computes in fp32); trained weights are many orders of magnitude below it.
+MAX_WEIGHT = 1e16
+
+
 class CheckpointReader:
     """Maps tensor names to shards and opens each shard lazily, once. Every tensor read is checked: a floating
     dtype, and (unless check_finite=False) no NaN or infinity, so broken weights fail at load, naming the tensor."""
@@ -52,8 +57,10 @@ class CheckpointReader:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
                 raise CheckpointError(f"{index}: not a safetensors index ({err!r})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: 'weight_map' must map each tensor name to its shard's file name")
         elif (self.path / SINGLE).is_file():
             weight_map = {name: SINGLE for name in self._open(SINGLE).keys()}
         else:
@@ -67,6 +74,10 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: the checkpoint holds model.layers.{max(layers)} but config.json says "
                                   f"num_hidden_layers = {self.config.num_hidden_layers}; those layers would be dropped "
                                   "(fix config.json, or write a truncated checkpoint with tide make-checkpoint)")
+        if max(layers, default=-1) + 1 < self.config.num_hidden_layers:  # checked before any model is built
+            raise CheckpointError(f"{self.path}: config.json says num_hidden_layers = "
+                                  f"{self.config.num_hidden_layers} but the checkpoint holds "
+                                  f"{max(layers, default=-1) + 1} layer(s)")
 
     def _open(self, shard: str):
         if shard not in self._handles:
@@ -88,13 +99,32 @@ class CheckpointReader:
         if shape is not None and tuple(tensor.shape) != tuple(shape):
             raise CheckpointError(f"{self.path / shard}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                   f"expected {tuple(shape)}")
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() or tensor.element_size() == 1:  # fp8 is quantised too
             raise CheckpointError(f"{self.path / shard}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}"
                                   ", expected a floating-point dtype (quantised checkpoints are not supported)")
         if self.check_finite and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{self.path / shard}: tensor {name!r} holds NaN or infinite values (weights must be "
                                   "finite; --no-check-finite skips this check)")
+        if self.check_finite and bool((tensor.abs() > MAX_WEIGHT).any()):
+            raise CheckpointError(f"{self.path / shard}: tensor {name!r} holds values beyond {MAX_WEIGHT:g} in "
+                                  "magnitude: the forward would overflow (an RMSNorm's sum of squares reaches inf and "
+                                  "the layer outputs zeros); --no-check-finite skips this check")
         return tensor
+
+
+    def check_no_unused(self) -> None:
+        """Before anything loads, refuse tensors no parameter of config.json's model takes (an extra expert, q/k
+        norms with use_qk_norm false, shared experts with num_shared_experts 0): config.json and the weights
+        disagree, and the model would silently differ. A tied lm_head and derived rotary buffers are not weights
+        of their own."""
+        expected = {name for name, _ in tensor_shapes(self.config)}
+        if self.config.tie_word_embeddings:
+            expected.add("lm_head.weight")
+        unused = sorted(n for n in self.weight_map if n not in expected and not n.endswith("rotary_emb.inv_freq"))
+        if unused:
+            shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+            raise CheckpointError(f"{self.path}: {len(unused)} tensor(s) that no parameter of this config.json uses: "
+                                  f"{shown} (does config.json describe these weights?)")
 
 
 def load_model(reader: CheckpointReader, device: torch.device | str, dtype: torch.dtype) -> LLaDA2Model:
@@ -236,14 +266,16 @@ def write_byte_tokenizer(path: str | Path, cfg: ModelConfig) -> None:
 
 
 def save_tokenizer(tok, path: str | Path, specials: dict[str, str] | None = None) -> None:
-    path = Path(path)
-    tok.save(str(path / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **(specials or SPECIALS), "model_max_length": 1 << 20}
-    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    """tokenizer.json and tokenizer_config.json (and special_tokens_map.json) as transformers writes them."""
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1 << 20,
+                            **(specials or SPECIALS)).save_pretrained(str(path))
 
 
 def _bytes_to_unicode() -> list[str]:
-    """GPT-2's printable mapping of the 256 byte values, in byte order."""
+    """GPT-2's printable mapping of the 256 byte values, in byte order. Ours, not tokenizers'
+    ByteLevel.alphabet(): that gives the same 256 characters unordered, and a vocabulary needs them by byte."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
     chars, n = [], 0
     for b in range(256):
@@ -256,7 +288,9 @@ def _bytes_to_unicode() -> list[str]:
 
 
 def read_generation_config(path: str | Path) -> dict:
-    """generation_config.json of a checkpoint directory as a dict ({} when there is none)."""
+    """generation_config.json of a checkpoint directory as a dict ({} when there is none). Plain JSON, not
+    transformers.GenerationConfig: the block-diffusion fields (block_length, steps, threshold) are not its own,
+    and we need exactly what the file says (its defaults would hide what the checkpoint did not set)."""
     file = Path(path) / "generation_config.json"
     if not file.is_file():
         return {}

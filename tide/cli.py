@@ -9,8 +9,15 @@ from pathlib import Path
 import click
 
 from tide.config import DTYPES, PRESETS, DecodeConfig, parse_refresh_interval, preset
-from tide.hub import MODEL_HELP
-from tide.options import cpu_threads_option, decode_options, device_option, host_kernel_option, runtime_options
+from tide.hub import MODEL_HELP, write_new
+from tide.options import (
+    cpu_threads_option,
+    decode_options,
+    device_option,
+    host_kernel_option,
+    invoke_for_user,
+    runtime_options,
+)
 
 # Threads (README, "Threads"): OpenMP threads sleep at barriers instead of spinning, so the main thread's intra-op
 # teams neither starve the host-tier workers nor collapse when other processes share the cores. Set here, before
@@ -18,26 +25,34 @@ from tide.options import cpu_threads_option, decode_options, device_option, host
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+THREADS_HELP = ("torch intra-op threads of the main thread [default: the usable cores (os.sched_getaffinity) less "
+                "the host-expert workers' default, at least 1]. Accepted before or after the command.")
+
+
+def _set_threads(ctx: click.Context, param: click.Parameter, threads: int | None) -> None:
+    if threads is not None:  # after the command: overrides the group's setting, which ran first
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 class Tide(click.Group):
     """The one error path for user errors: any command's bad input (a ValueError, or an OSError about a file)
-    becomes `error: <what, where, what to do>` and exit code 2, never a traceback. Bugs still raise."""
+    becomes `error: <what, where, what to do>` and exit code 2, never a traceback. Bugs still raise.
+    Every command also takes the group's `--threads` after its name, where users put options."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if not any(p.name == "threads" for p in cmd.params):
+            cmd.params.append(click.Option(["--threads"], type=click.IntRange(min=1), default=None,
+                                           expose_value=False, callback=_set_threads, help=THREADS_HELP))
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except (ValueError, OSError) as err:
-            if isinstance(err, OSError) and err.filename is not None:
-                message = f"{err.filename}: {err.strerror or err}"
-            else:
-                message = str(err).strip()
-            click.echo(f"error: {message}", err=True)
-            ctx.exit(2)
+        return invoke_for_user(super().invoke, ctx)
 
 
 @click.group(cls=Tide, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--threads", type=int, default=None,
-              help="torch intra-op threads of the main thread [default: the usable cores (os.sched_getaffinity) "
-                   "less the host-expert workers' default, at least 1].")
+@click.option("--threads", type=int, default=None, help=THREADS_HELP)
 def main(threads: int | None) -> None:
     """TIDE: lossless expert offloading for MoE diffusion LLMs (LLaDA2.0) on one GPU plus the host CPU."""
     if threads is not None and threads < 1:
@@ -55,7 +70,8 @@ def main(threads: int | None) -> None:
 @click.option("--layers", type=int, default=None, help="Override num_hidden_layers (truncate a big shape).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Stored dtype (default: the preset's).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+              help="Seed of the random weights.")
 @click.option("--shard-size", default="2GiB", show_default=True, help="Largest safetensors shard.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out (whole: no file of the old model stays).")
 def make_checkpoint(preset_name: str, layers: int | None, dtype: str | None, out: str, seed: int,
@@ -69,6 +85,8 @@ def make_checkpoint(preset_name: str, layers: int | None, dtype: str | None, out
     overrides = {k: v for k, v in (("num_hidden_layers", layers), ("dtype", dtype)) if v is not None}
     cfg = preset(preset_name, **overrides)
     shard_bytes = parse_bytes(shard_size, "--shard-size")
+    if shard_bytes <= 0:
+        raise click.BadParameter(f"{shard_size!r}: a shard must hold at least one byte", param_hint="--shard-size")
     with model_dir_writer(out, overwrite) as tmp:
         write_random_checkpoint(cfg, tmp, seed=seed, max_shard_bytes=shard_bytes)
     click.echo(f"wrote {out} ({preset_name}, {cfg.num_hidden_layers} layers, seed {seed})")
@@ -115,7 +133,8 @@ def generate(model_dir: str, prompt: str | None, prompt_ids: str | None, as_json
         raise click.UsageError(str(err)) from None
     stats = {**result["stats"], "policy": kw["policy"], "gpu_budget": kw["gpu_budget"]}
     if trace_path:
-        stats["trace"] = str(result["trace"].save(trace_path))
+        meta = (".meta.json",) if trace_path.endswith(".parquet") else ()  # parquet: its metadata file beside it
+        stats["trace"] = str(write_new(trace_path, result["trace"].save, meta))
     text = engine.decode(result["tokens"])
     if as_json:
         click.echo(json.dumps({"tokens": result["tokens"], "text": text, "stats": stats, "notes": engine.notes}))
@@ -208,6 +227,9 @@ def output_file(path: str, suffixes: tuple[str, ...], flag: str) -> None:
         raise click.UsageError(f"{flag} {path}: use a {' or '.join(suffixes)} file name")
     if not target.parent.is_dir():
         raise click.UsageError(f"{flag} {path}: the folder {target.parent} does not exist; create it first")
+    if target.exists() or target.is_symlink():
+        raise click.UsageError(f"{flag} {path}: exists; results are never overwritten: choose a new name or "
+                               "remove it")
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -249,7 +271,7 @@ def calibrate(model_dir, preset_name, device, dtype, cpu_threads, host_kernel, e
         tokens = tuple(n for n in cal.TOKENS if n <= max_tokens)
         cost = cal.calibrate(cfg.hidden_size, cfg.moe_intermediate_size, dt, device, cpu_threads, tokens, repeats,
                              host_kernel)
-    cost.to_json(out)
+    write_new(out, cost.to_json)
     click.echo(f"wrote {out} ({cost.source}): fetch {cost.fetch_s() * 1e6:.1f} us/expert "
                f"({cost.h2d_bytes_per_s / 1e9:.1f} GB/s), CPU expert {cost.cpu_s(1) * 1e6:.1f} us at 1 token, "
                f"{cost.cpu_s(32) * 1e6:.1f} us at 32")
@@ -261,7 +283,8 @@ def calibrate(model_dir, preset_name, device, dtype, cpu_threads, host_kernel, e
 @click.option("--profile", "profile_path", type=click.Path(), default=None, help="Hardware profile JSON.")
 @click.option("--trace", "trace_path", type=click.Path(), default=None,
               help="Routing trace (tide generate --trace); default: a profiling pass over built-in prompts.")
-@click.option("--max-interval", type=int, default=None, help="Largest R considered (default: steps in the trace).")
+@click.option("--max-interval", type=click.IntRange(min=1), default=None,
+              help="Largest R considered (default: steps in the trace).")
 @click.option("--per-layer-interval", is_flag=True, help="Also solve one R per layer.")
 @click.option("--objective", type=click.Choice(["sum", "overlap"]), default="sum", show_default=True,
               help="sum: PCIe + CPU seconds (the paper); overlap: modelled wall time, copies, device and host workers "

@@ -163,10 +163,19 @@ def _validate(c: ModelConfig) -> None:
             raise ValueError(f"field {name!r} must be a finite positive number, got {value!r}")
     if c.dtype not in DTYPES:
         raise ValueError(f"field 'dtype' is {c.dtype!r}; expected one of {DTYPES}")
+    for name in ("norm_topk_prob", "moe_router_enable_expert_bias", "use_qk_norm", "use_qkv_bias", "use_bias",
+                 "tie_word_embeddings"):
+        if not isinstance(getattr(c, name), bool):  # "no" or "false" in quotes would read as true
+            raise ValueError(f"field {name!r} must be true or false (a JSON boolean), got {getattr(c, name)!r}")
     for name in ("pad_token_id", "eos_token_id", "mask_token_id"):
         value = getattr(c, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError(f"field {name!r} must be an integer token id, got {value!r}")
         if value is not None and not 0 <= value < c.vocab_size:
             raise ValueError(f"field {name!r} ({value}) is outside the vocabulary (vocab_size {c.vocab_size})")
+    if c.mask_token_id is not None and c.mask_token_id in (c.eos_token_id, c.pad_token_id):
+        raise ValueError(f"field 'mask_token_id' ({c.mask_token_id}) equals the EOS or pad id: a committed token "
+                         "could never be told from a masked one")
 
 
 # Official numbers: LLaDA2.0-mini config.json; LLaDA2.0-flash from dFactory's llada2_flash config.

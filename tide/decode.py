@@ -51,8 +51,12 @@ def commit(confidence: Tensor, masked: Tensor, n_min: int, threshold: float) -> 
 
 
 def sample(logits: Tensor, cfg: DecodeConfig, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """logits [T, V] -> (tokens [T], their probability [T]) in fp32. Temperature 0 is argmax."""
-    logits = logits.float()
+    """logits [T, V] -> (tokens [T], their probability [T]) in fp32. Temperature 0 is argmax. Non-finite logits
+    (finite weights too large for the dtype overflow in the forward) are a ValueError, not tokens."""
+    dtype, logits = logits.dtype, logits.float()
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the forward produced non-finite logits (inf or NaN): weights or activations overflow "
+                         f"{str(dtype).removeprefix('torch.')} in this checkpoint; no tokens were made up")
     if cfg.temperature == 0:
         x0 = logits.argmax(-1)
         return x0, F.softmax(logits, dim=-1).gather(-1, x0[:, None])[:, 0]
@@ -78,11 +82,16 @@ def generate(model: LLaDA2Model, prompt: list[int], cfg: DecodeConfig, mask_id: 
     bad = [t for t in prompt if vocab is not None and not 0 <= t < vocab]
     if bad:
         raise ValueError(f"prompt token ids outside the vocabulary [0, {vocab}): {bad}")
+    if mask_id in prompt:  # the decoder would treat it as a position to fill
+        raise ValueError(f"the prompt holds the mask token id {mask_id} at position {prompt.index(mask_id)}: a "
+                         "prompt is given text, never a masked position")
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if limit is not None and len(prompt) + cfg.gen_length > limit:
-        raise ValueError(f"the prompt ({len(prompt)} tokens) plus --gen-length {cfg.gen_length} need "
-                         f"{len(prompt) + cfg.gen_length} positions, beyond the model's max_position_embeddings "
-                         f"{limit}: shorten the prompt or the generation")
+    if limit is not None and -(-(len(prompt) + cfg.gen_length) // cfg.block_length) * cfg.block_length > limit:
+        raise ValueError(f"the prompt ({len(prompt)} tokens) plus --gen-length {cfg.gen_length}, in blocks of "
+                         f"--block-length {cfg.block_length}, need "
+                         f"{-(-(len(prompt) + cfg.gen_length) // cfg.block_length) * cfg.block_length} positions, "
+                         f"beyond the model's max_position_embeddings {limit}: shorten the prompt, the generation "
+                         "or the block")
     device = next(model.parameters()).device
     P, L = len(prompt), cfg.block_length
     n_blocks = -(-(P + cfg.gen_length) // L)

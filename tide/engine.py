@@ -62,9 +62,8 @@ class Engine:
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError("this checkpoint's tokenizer has no chat template ('chat_template' in "
-                                 "tokenizer_config.json): drop --chat")
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                      add_generation_prompt=True)
+                                 "tokenizer_config.json, or a chat_template.jinja beside it): drop --chat")
+            text = apply_chat_template(self.tokenizer, [{"role": "user", "content": text}])
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
@@ -242,9 +241,27 @@ GENERATION_KEYS = {"max_new_tokens": "gen_length", "gen_length": "gen_length", "
                    "top_k": "top_k"}
 
 
-def decode_defaults(generation: dict) -> dict[str, Any]:
-    return {field_: generation[key] for key, field_ in GENERATION_KEYS.items()
-            if isinstance(generation.get(key), int | float) and not isinstance(generation.get(key), bool)}
+def decode_defaults(generation: dict, source: str | Path = "generation_config.json") -> dict[str, Any]:
+    """The decode settings generation_config.json holds, checked with DecodeConfig's rules (ValueError naming the
+    file: a `steps: 0` there would otherwise surface at the first generate, without the file's name)."""
+    found = {field_: generation[key] for key, field_ in GENERATION_KEYS.items()
+             if isinstance(generation.get(key), int | float) and not isinstance(generation.get(key), bool)}
+    try:
+        DecodeConfig(**found)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    return found
+
+
+def apply_chat_template(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """The tokenizer's chat template applied (text, not ids); a template that raises, does not parse or trips
+    jinja's sandbox is a ValueError saying so (no template code runs outside that sandbox)."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as err:
+        raise ValueError(f"the tokenizer's chat template failed ({type(err).__name__}: {err})") from None
 
 
 def non_expert_bytes(model: LLaDA2Model) -> int:
@@ -301,19 +318,21 @@ def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = N
     if cpu_threads < 1:
         raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
     reader = CheckpointReader(path, check_finite)
+    reader.check_no_unused()
     cfg = reader.config
     tokenizer = load_tokenizer(path, cfg.vocab_size)
+    generation = read_generation_config(path)
+    defaults = decode_defaults(generation, Path(path) / "generation_config.json")  # checked before anything loads
     dt = torch_dtype(dtype, cfg)
     kernel, kernel_note = choose_host_kernel(host_kernel, dt, cfg.hidden_size, cfg.moe_intermediate_size)
     check_memory(cfg, dt, dev, gpu_budget, staging)
     model = load_model(reader, dev, dt)
     store = ExpertStore(cfg, 1, dev, dt, staging, device_tier=False)
     fill_store(reader, store)
-    generation = read_generation_config(path)
     mask_id, eos_id, notes = special_ids(cfg, tokenizer, generation)
     notes.append(f"host kernel: {kernel_note}")
     engine = Engine(model, store, None, tokenizer, mask_id, eos_id, notes, cpu_threads, staging,
-                    decode_defaults=decode_defaults(generation), host_kernel=kernel, device_kernel=device_kernel)
+                    decode_defaults=defaults, host_kernel=kernel, device_kernel=device_kernel)
     engine.configure(policy, gpu_budget, popularity, profile_prompts, **policy_options)
     for note in notes:
         log.info(note)

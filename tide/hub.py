@@ -10,6 +10,7 @@ Results go under the current directory; this module never writes into an install
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import platform
 import re
@@ -55,9 +56,15 @@ def new_run_dir(out: str | Path | None, kind: str) -> Path:
     holds the name."""
     if out:
         path = Path(out)
+        taken = ValueError(f"{path}: run directory exists and is not empty (results are never overwritten)")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise ValueError(f"{path}: run directory exists and is not empty (results are never overwritten)")
-        path.mkdir(parents=True, exist_ok=True)
+            raise taken
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(exist_ok=True)
+        try:  # of two runs given the same new or empty directory, the one that creates the claim file gets it
+            claim_file(path / ".tide-run")
+        except FileExistsError:
+            raise taken from None
         return path
     base = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{platform.node() or 'host'}-{kind}"
     for i in range(1000):
@@ -68,6 +75,34 @@ def new_run_dir(out: str | Path | None, kind: str) -> Path:
         except FileExistsError:
             continue
     raise ValueError(f"{results_root() / base}: could not create a new run directory")
+
+
+def claim_file(path: str | Path) -> Path:
+    """Create `path` empty, atomically and only if it does not exist (FileExistsError otherwise): the one way a
+    command takes a file or directory name that another command, or a second copy of itself, may want too."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    return Path(path)
+
+
+def write_new(path: str | Path, write: Callable[[Path], object], companions: tuple[str, ...] = ()) -> Path:
+    """`write(tmp)` fills a temp file beside `path` (same suffix), which then takes the name `path` only if nothing
+    holds it (a hard link: atomic, never replaces): otherwise ValueError, and the temp is gone. `companions`:
+    suffixes of files the writer puts beside its file (tmp.with_suffix(s)), moved beside `path` with it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{path.suffix}")
+    try:
+        write(tmp)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise ValueError(f"{path}: exists (another command wrote it meanwhile); results are never "
+                             "overwritten: choose a new name") from None
+        for suffix in companions:
+            os.replace(tmp.with_suffix(suffix), path.with_suffix(suffix))
+    finally:
+        for leftover in (tmp, *(tmp.with_suffix(s) for s in companions)):
+            leftover.unlink(missing_ok=True)
+    return path
 
 
 def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], object]) -> Path:
@@ -97,7 +132,8 @@ def model_dir_writer(out: str | Path, overwrite: bool = False) -> Iterator[Path]
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ValueError(f"{out}: exists and is not empty; pass --overwrite to replace it (it is replaced whole)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    _remove_orphans(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # a new model directory's usual permissions, not mkdtemp's 0700
@@ -109,15 +145,37 @@ def model_dir_writer(out: str | Path, overwrite: bool = False) -> Iterator[Path]
     old, pending = out.parent / f".{out.name}.old-{os.getpid()}", []
     handlers = _defer_signals(pending)
     try:
-        if out.exists():
+        if overwrite and out.exists():
             os.rename(out, old)
-        os.rename(tmp, out)
+        try:  # atomic: without --overwrite, a model another writer put at `out` meanwhile is never replaced
+            os.rename(tmp, out)
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ValueError(f"{out}: another command wrote there while this one ran; nothing of this run was "
+                             "kept (pass --overwrite to replace it)") from None
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     shutil.rmtree(old, ignore_errors=True)
     if pending:
         raise KeyboardInterrupt
+
+
+def _remove_orphans(out: Path) -> None:
+    """Temp directories a killed writer (SIGKILL, power loss) left beside `out`: `.NAME.<pid>.*.tmp` whose process
+    is gone."""
+    for tmp in out.parent.glob(f".{out.name}.*.tmp"):
+        pid = tmp.name[len(out.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 def _defer_signals(pending: list) -> dict:

@@ -10,6 +10,30 @@ import click
 from tide.config import DTYPES, HOST_KERNELS, REGIMES, default_cpu_threads
 
 
+def user_error_message(err: ValueError | OSError) -> str:
+    """One line for a user error: `FILE: what` for an OSError about a file, else the error's text."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or err}"
+    return str(err).strip()
+
+
+def invoke_for_user(invoke, ctx: click.Context):
+    """`invoke(ctx)` with the one error path for user errors: bad input (a ValueError, or an OSError about a
+    file) is `error: <what, where, what to do>` and exit code 2, never a traceback. Bugs still raise."""
+    try:
+        return invoke(ctx)
+    except (ValueError, OSError) as err:
+        click.echo(f"error: {user_error_message(err)}", err=True)
+        ctx.exit(2)
+
+
+class UserErrorCommand(click.Command):
+    """A stand-alone command (python -m ...) with the `tide` group's error path (invoke_for_user)."""
+
+    def invoke(self, ctx: click.Context):
+        return invoke_for_user(super().invoke, ctx)
+
+
 def check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """The device as the engine will use it: validated, and indexed ("cuda" -> "cuda:<current>")."""
     from tide.device import resolve_device
@@ -25,7 +49,8 @@ def device_option(help_text: str = "Where the model and resident experts live (c
 
 
 def cpu_threads_option(help_text: str):
-    return click.option("--cpu-threads", type=int, default=None, callback=lambda ctx, p, v: v or default_cpu_threads(),
+    return click.option("--cpu-threads", type=click.IntRange(min=1), default=None,
+                        callback=lambda ctx, p, v: default_cpu_threads() if v is None else v,
                         help=f"{help_text} [default: half the usable cores, at least 1]")
 
 
@@ -55,12 +80,14 @@ def decode_options(f):
         click.option("--steps", type=int, default=None, help="Denoising steps per block at most [default: 32]."),
         click.option("--threshold", type=float, default=None, help="Commit every masked token whose confidence "
                      "exceeds this (at least the scheduled number) [default: 0.95]."),
-        click.option("--temperature", type=float, default=None, help="0 = argmax (greedy) [default: 0]."),
+        click.option("--temperature", type=click.FloatRange(min=0), default=None,
+                     help="0 = argmax (greedy) [default: 0]."),
         click.option("--top-k", type=int, default=None, help="Sample from the k most likely tokens (temperature > 0)."),
         click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (temperature > 0)."),
         click.option("--regime", type=click.Choice(REGIMES), default="block-kv", show_default=True,
                      help="block-kv: finished blocks in a KV cache; full: recompute the prefix every step."),
-        click.option("--seed", default=0, show_default=True, help="Seed for sampling."),
+        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+                     help="Seed for sampling."),
         click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (one user turn)."),
     ]
     for option in reversed(options):

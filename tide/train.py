@@ -305,15 +305,23 @@ def plot_curve(log: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _finite(value: float, flag: str) -> float:
+    if not math.isfinite(value):  # NaN passes click's range checks
+        raise click.BadParameter(f"{value!r} is not a finite number", param_hint=flag)
+    return value
+
+
 @click.command("train")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output checkpoint directory.")
-@click.option("--seed", default=0, show_default=True, help="Seed for init, data order and masks.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+              help="Seed for init, data order and masks.")
 @click.option("--steps", default=TrainConfig.steps, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", default=TrainConfig.batch_size, show_default=True, help="Code rows per step.")
 @click.option("--task-batch-size", default=TrainConfig.task_batch_size, show_default=True,
               help="Generated-task rows (one block each) per step.")
 @click.option("--seq-len", default=TrainConfig.seq_len, show_default=True, help="Tokens per code row.")
-@click.option("--lr", default=TrainConfig.lr, show_default=True, help="Peak AdamW learning rate (cosine to 10%).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.lr, show_default=True,
+              callback=lambda ctx, p, v: _finite(v, "--lr"), help="Peak AdamW learning rate (cosine to 10%).")
 @click.option("--vocab-size", default=TrainConfig.vocab_size, show_default=True, help="BPE vocabulary size.")
 @click.option("--hidden-size", default=TrainConfig.hidden_size, show_default=True, help="Model width.")
 @click.option("--layers", default=TrainConfig.num_hidden_layers, show_default=True, help="Layers (first dense).")
