@@ -70,8 +70,10 @@ def number(v) -> str:
         return f"{int(v):,}"
     if isinstance(v, numbers.Real):
         v = float(v)
+        if v == 0:
+            return "0"
         return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}" if abs(v) >= 1 \
-            else f"{v:.3f}" if abs(v) >= 0.001 or v == 0 else f"{v:.2e}"
+            else f"{v:.3f}" if abs(v) >= 0.001 else f"{v:.2e}"
     return str(v)
 
 

@@ -81,3 +81,35 @@ def test_a_copy_without_links_keeps_the_namespace_and_gpu_check_runs(tmp_path):
     done = subprocess.run([sys.executable, "-m", "tide.bench.gpu_check"], cwd=copy, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "no CUDA device" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(setuptools_major() < 77, reason="building the wheel needs setuptools >= 77 (pip install .[dev])")
+def test_the_wheel_installs_with_each_extra_into_a_fresh_venv(tmp_path):
+    """`pip install tide-dllm`, `[eval]` and `[dev]` into fresh venvs, offline: their dependencies resolve against
+    the pinned packages of this environment (made visible by a .pth file, so nothing is downloaded), and the
+    installed `tide-lm-eval --help` and `tide --help` run."""
+    import sysconfig
+
+    leftover = not (ROOT / "build").exists()
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    finally:
+        if leftover:
+            shutil.rmtree(ROOT / "build", ignore_errors=True)
+    wheel = next(tmp_path.glob("tide_dllm-*.whl"))
+    ours = sysconfig.get_paths()["purelib"]
+    for extra in ("", "[eval]", "[dev]"):
+        venv = tmp_path / f"venv{extra.strip('[]')}"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+        site = subprocess.run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()"
+                               "['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+        Path(site, "pinned.pth").write_text(ours + "\n")
+        done = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                               "--no-index", "-q", f"{wheel}{extra}"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (extra, done.stdout + done.stderr)
+        env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}
+        for command, says in ((["tide", "--help"], "bench"), (["tide-lm-eval", "--help"], "plugin discovery")):
+            ran = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+            assert ran.returncode == 0 and says in ran.stdout, (extra, command, ran.stdout[-500:] + ran.stderr[-2000:])

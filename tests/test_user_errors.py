@@ -310,6 +310,7 @@ def test_values_that_once_became_the_default_silently_are_refused(tmp_path, args
     (["train", "--out", "{tmp}/t", "--lr", "nan"], "--lr"),
     (["eval", "--limit", "0"], "--limit"),
     (["eval", "--limit", "-1"], "--limit"),
+    (["train", "--out", "{tmp}/t", "--vocab-size", "10"], "--vocab-size"),
 ])
 def test_unclear_errors_are_now_sentences_naming_the_option(tmp_path, args, phrase):
     sentence(cli(*[a.format(tmp=tmp_path) for a in args]), phrase)
@@ -383,3 +384,21 @@ def test_a_killed_writers_temp_directory_is_cleaned_by_the_next(tmp_path):
     with model_dir_writer(tmp_path / "model") as tmp:
         (tmp / "config.json").write_text("{}")
     assert not orphan.exists() and (tmp_path / "model" / "config.json").is_file()
+
+
+def test_a_prompt_that_is_not_utf8_is_a_sentence(tiny_dir):
+    sentence(cli("generate", "--model", tiny_dir, "--prompt", "a\udcffb", "--gen-length", "8"), "not valid UTF-8")
+
+
+def test_a_full_disk_names_the_file(tmp_path):
+    import errno
+
+    from tide.hub import atomic_write
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as info:
+        atomic_write(tmp_path / "bench.csv", full)
+    assert info.value.filename == str(tmp_path / "bench.csv") and info.value.errno == errno.ENOSPC
+    assert not list(tmp_path.iterdir())

@@ -59,6 +59,11 @@ class Engine:
         """Token ids of `text`; with `chat`, of `text` as one user turn in the tokenizer's chat template."""
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer: pass token ids instead of text")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # undecodable bytes from the command line arrive as lone surrogates
+            raise ValueError(f"the prompt is not valid UTF-8 (an undecodable byte at character {err.start}): give "
+                             "UTF-8 text, or token ids") from None
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError("this checkpoint's tokenizer has no chat template ('chat_template' in "

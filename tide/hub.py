@@ -118,6 +118,10 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], object])
         else:
             tmp.write_text(data)
         os.replace(tmp, path)
+    except OSError as err:  # disk full, a file-size limit: say which file (a writer's error often names none)
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -322,7 +322,8 @@ def _finite(value: float, flag: str) -> float:
 @click.option("--seq-len", default=TrainConfig.seq_len, show_default=True, help="Tokens per code row.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.lr, show_default=True,
               callback=lambda ctx, p, v: _finite(v, "--lr"), help="Peak AdamW learning rate (cosine to 10%).")
-@click.option("--vocab-size", default=TrainConfig.vocab_size, show_default=True, help="BPE vocabulary size.")
+@click.option("--vocab-size", type=click.IntRange(min=300), default=TrainConfig.vocab_size, show_default=True,
+              help="BPE vocabulary size (at least 300: the 256 byte tokens, the special tokens and some merges).")
 @click.option("--hidden-size", default=TrainConfig.hidden_size, show_default=True, help="Model width.")
 @click.option("--layers", default=TrainConfig.num_hidden_layers, show_default=True, help="Layers (first dense).")
 @click.option("--experts", default=TrainConfig.num_experts, show_default=True, help="Routed experts per MoE layer.")
