@@ -97,6 +97,9 @@ def main(model, requests, policies, budgets, per_config, gen_length, device, rss
                 failures.append(f"{key}: at most {first} in the warm-up pass, {later} after it")
     else:
         failures.append(f"{requests} requests do not cover every configuration once ({per_config * len(configs)})")
+    if not df.prompt.duplicated().any():  # the identity check compares a prompt's runs: none ran twice
+        failures.append(f"no prompt was decoded twice ({requests} requests, {len(prompts)} prompts): raise "
+                        "--requests for the identity check to mean anything")
     stamp = machine_stamp(device, engine.cpu_threads)
     env = {"command": "python -m tide.bench.soak " + " ".join(sys.argv[1:]), "model": str(path), "machine": stamp,
            "configs": configs, "failures": failures}

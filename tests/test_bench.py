@@ -241,3 +241,14 @@ def test_terminal_table_is_compact_and_formatted_for_people():
     assert max(len(line) for line in text.splitlines()) < 120 and "e+" not in text
     assert "0.0144" in text or "0.014" in text  # MB H2D: 14,400 bytes
     assert report.number(14400.0) == "14,400" and report.number(3.14159) == "3.14"
+
+
+def test_soak_that_decodes_no_prompt_twice_does_not_claim_identity(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from tide.bench.soak import main as soak
+
+    res = CliRunner().invoke(soak, ["--model", str(tiny_dir), "--requests", "3", "--per-config", "1", "--policies",
+                                    "lru", "--budgets", "4/layer", "--gen-length", "8", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 1 and "no prompt was decoded twice" in res.output
+    assert "Every check holds." not in (tmp_path / "s" / "soak.md").read_text()
