@@ -70,7 +70,9 @@ def test_modelled_host_time_matches_the_executor():
 
     workers, H, I = default_cpu_threads(), 1024, 512
     cfg = preset("tiny", hidden_size=H, moe_intermediate_size=I)
-    cost = calibrate(H, I, torch.float32, "cpu", cpu_threads=workers, tokens=(1, 2, 4, 8, 16), repeats=9)
+    # 21 repeats: a calibration is one median per token count, and on a 2-vCPU VM one taken over nine calls was
+    # seen 30% off the executor's (a clean clone's first run); the band below is unchanged
+    cost = calibrate(H, I, torch.float32, "cpu", cpu_threads=workers, tokens=(1, 2, 4, 8, 16), repeats=21)
     store = ExpertStore(cfg, 1, "cpu", torch.float32)
     for layer in store.layers:
         store.host[layer].normal_(std=0.02)
@@ -80,7 +82,7 @@ def test_modelled_host_time_matches_the_executor():
     ex.warm_start()
     g = torch.Generator().manual_seed(0)
     measured, modelled = [], []
-    for i in range(30):
+    for i in range(60):
         x = torch.randn(24, H, generator=g)
         ids = torch.stack([torch.randperm(cfg.num_experts, generator=g)[:cfg.num_experts_per_tok] for _ in range(24)])
         ex(1, x, ids, torch.rand(24, cfg.num_experts_per_tok, generator=g), StepInfo(0, i))
