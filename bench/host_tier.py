@@ -5,7 +5,8 @@ experts per layer-forward, with each host kernel that runs here (torch's swiglu;
 avx512-bf16 in bf16, avx512 and avx2 in bf16 and fp32, tide.experts.host_kernels), it times the host tier as the
 executor runs it (tide.calibrate.host_curve: the executor's workers, hand-off and staging) and divides the weight
 bytes read by the time: GB/s. The machine's read bandwidth is measured on the same workers: each reads its own 1 GiB
-buffer (the faster of torch's sum and the compiled load loop). It also says which kernel `auto` picks here. Writes
+buffer (the faster of torch's sum and the compiled load loop), at the start and again beside each configuration,
+whose cells use that one (the bandwidth of a VM drifts). It also says which kernel `auto` picks here. Writes
 results/<date>-<host>-host-tier/host_tier.csv, host_tier.md, env.json. Measured on the machine it runs on.
 """
 
@@ -99,7 +100,7 @@ def main(workers: int | None, tokens: str, misses: str, repeat: int, kernels: st
     picks = {str(d).removeprefix("torch."): host_kernel("auto", d, *SHAPES["mini"])[1]
              for d in (torch.bfloat16, torch.float32)}
     bandwidth, how = read_bandwidth(workers)
-    rows, skipped = [], []
+    rows, skipped, yardsticks = [], [], []
     for shape, (H, I) in SHAPES.items():
         for dtype, name in [(d, k) for d in (torch.bfloat16, torch.float32) for k in kernels.split(",")]:
             if name in KERNELS and dtype not in KERNELS[name].dtypes:
@@ -110,6 +111,9 @@ def main(workers: int | None, tokens: str, misses: str, repeat: int, kernels: st
                 skipped.append(str(why))
                 continue
             for miss in (int(m) for m in misses.split(",")):
+                # the yardstick beside each configuration: these VMs' read bandwidth drifts ~20% within a run
+                near = read_bandwidth(workers, repeats=3)[0]
+                yardsticks.append(near)
                 expert_bytes = 3 * H * I * dtype.itemsize
                 curve = host_curve(H, I, dtype, workers, token_list, repeat, kernel, experts=miss,
                                    pool=-(-POOL_BYTES // expert_bytes))
@@ -117,22 +121,26 @@ def main(workers: int | None, tokens: str, misses: str, repeat: int, kernels: st
                     rate = expert_bytes * workers / seconds  # workers experts in flight at once
                     rows.append({"shape": shape, "dtype": str(dtype).removeprefix("torch."), "kernel": name,
                                  "miss_set": miss, "tokens": n, "workers": workers, "s_per_expert_per_worker": seconds,
-                                 "weights_GBps": rate / 1e9, "read_GBps": bandwidth / 1e9,
-                                 "share_of_read_bw": rate / bandwidth})
+                                 "weights_GBps": rate / 1e9, "read_GBps": near / 1e9,
+                                 "share_of_read_bw": rate / near})
                     print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
     atomic_write(run_dir / "host_tier.csv", lambda tmp: df.to_csv(tmp, index=False))
     stamp = machine_stamp("cpu", workers)
     env = {"command": "python -m tide.bench.host_tier " + " ".join(sys.argv[1:]), "machine": stamp,
-           "workers": workers, "read_bandwidth_GBps": bandwidth / 1e9, "read_bandwidth_how": how, "auto": picks}
+           "workers": workers, "read_bandwidth_GBps": bandwidth / 1e9, "read_bandwidth_how": how, "auto": picks,
+           "read_bandwidth_beside_each_GBps": [round(y / 1e9, 2) for y in yardsticks]}
     atomic_write(run_dir / "env.json", json.dumps(env, indent=2))
     table = df.pivot_table(index=["shape", "dtype", "kernel", "miss_set"], columns="tokens",
                            values="share_of_read_bw")
     lines = ["# Host tier: weight bytes per second against the read bandwidth", "", f"Command: `{env['command']}`  ",
              f"Commit: {stamp['commit']}  ", f"Machine: CPU {stamp['cpu']}, torch {stamp['torch']}, {workers} "
              f"host-expert worker(s)", "",
-             f"*Measured*: read bandwidth {bandwidth / 1e9:.1f} GB/s ({workers} worker(s), each reading its own "
-             f"1 GiB buffer; the faster of: {how}). Each cell: the host tier's weight bytes per second (experts "
+             f"*Measured*: read bandwidth {bandwidth / 1e9:.1f} GB/s at the start ({workers} worker(s), each reading "
+             f"its own 1 GiB buffer; the faster of: {how}), and again beside each configuration, whose cells use "
+             f"that one (median {statistics.median(yardsticks) / 1e9:.1f}, range {min(yardsticks) / 1e9:.1f}-"
+             f"{max(yardsticks) / 1e9:.1f} GB/s). "
+             "Each cell: the host tier's weight bytes per second (experts "
              "computed as the executor computes them: its workers, hand-off and staging, `miss_set` distinct experts "
              f"per layer-forward, n tokens each, cycling through {POOL_BYTES >> 30} GiB of experts so the weights "
              "come from memory) over that bandwidth. Columns: tokens per expert.",
