@@ -83,7 +83,13 @@ def table(df: pd.DataFrame, floatfmt: str | None = None) -> str:
     def cell(v) -> str:
         return format(v, floatfmt) if floatfmt and isinstance(v, float) and not math.isnan(v) else number(v)
 
-    return df.apply(lambda column: column.map(cell)).to_markdown(index=False, disable_numparse=True)
+    cells = df.apply(lambda column: column.map(cell))
+    try:
+        return cells.to_markdown(index=False, disable_numparse=True)
+    except ImportError:  # to_markdown needs tabulate, which a bare GPU machine's Python (make gpu-check) lacks
+        rows = [list(map(str, cells.columns)), *cells.astype(str).values.tolist()]
+        return "\n".join(["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0]),
+                          *("| " + " | ".join(r) + " |" for r in rows[1:])])
 
 
 def compact(bench: pd.DataFrame) -> str:

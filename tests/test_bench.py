@@ -252,3 +252,16 @@ def test_soak_that_decodes_no_prompt_twice_does_not_claim_identity(tiny_dir, tmp
                                     "lru", "--budgets", "4/layer", "--gen-length", "8", "--out", str(tmp_path / "s")])
     assert res.exit_code == 1 and "no prompt was decoded twice" in res.output
     assert "Every check holds." not in (tmp_path / "s" / "soak.md").read_text()
+
+
+def test_tables_are_written_without_tabulate(monkeypatch):
+    """make gpu-check runs on a bare GPU machine's Python (no tabulate): the same table, pipe-separated."""
+    import sys
+
+    import pandas as pd
+
+    from tide.bench import report
+
+    df = pd.DataFrame({"policy": ["tide"], "tok/s": [14400.0]})
+    monkeypatch.setitem(sys.modules, "tabulate", None)  # import tabulate -> ImportError
+    assert report.table(df) == "| policy | tok/s |\n|---|---|\n| tide | 14,400 |"
