@@ -154,10 +154,11 @@ def markdown(bench: pd.DataFrame, proj: pd.DataFrame | None, card: list[str], co
     return "\n".join(out) + "\n"
 
 
-def plot(bench: pd.DataFrame, path: Path) -> None:
+def plot(bench: pd.DataFrame, path: Path, proj: pd.DataFrame | None = None) -> None:
     """bench.png: per regime, tokens/s of every policy at each budget as bars (min-max over repeats as error
-    bars), the all-resident reference as a line, y from 0 on one scale for all panels. Measured only: the
-    modelled projections are expert-path seconds on other machines, not tokens/s, and stay in bench.md."""
+    bars), the all-resident reference as a line, y from 0 on one scale for all panels. With projections, a
+    second row puts each run's modelled expert-path time per generated token on each reference machine beside
+    the MoE layers' time measured here (the projections are seconds of the expert path, not tokens/s)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +169,9 @@ def plot(bench: pd.DataFrame, path: Path) -> None:
     regimes = list(s.regime.unique())
     if not regimes:
         return
-    fig, axes = plt.subplots(1, len(regimes), figsize=(6 * len(regimes), 4), squeeze=False, sharey=True)
+    with_proj = proj is not None and len(proj) > 0
+    fig, axes = plt.subplots(1 + with_proj, len(regimes), figsize=(6 * len(regimes), 4 + 4 * with_proj),
+                             squeeze=False, sharey="row")
     for ax, regime in zip(axes[0], regimes, strict=True):
         grp = s[s.regime == regime]
         ref, runs = grp[grp.variant == "reference"], grp[grp.variant != "reference"]
@@ -190,6 +193,38 @@ def plot(bench: pd.DataFrame, path: Path) -> None:
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
     axes[0][0].set_ylim(0, 1.15 * max(s.tps_max.max(), 1e-9))  # shared by every panel
+    if with_proj:
+        _plot_projections(axes[1], regimes, bench, proj)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_projections(axes, regimes: list[str], bench: pd.DataFrame, proj: pd.DataFrame) -> None:
+    """Per run: ms per generated token in the MoE layers measured here, beside the modelled expert path on each
+    reference machine (hatched), y from 0 on one scale."""
+    import numpy as np
+
+    measured = bench[bench.kind != "error"].assign(ms=lambda d: 1e3 * d.moe_s / d.generated_tokens)
+    measured = measured.groupby(["variant", "budget", "regime"], sort=False).ms.median()
+    modelled = proj.assign(ms=lambda d: 1e3 * d.expert_s / d.generated_tokens)
+    machines = list(dict.fromkeys(modelled.machine))
+    width = 0.8 / (1 + len(machines))
+    for ax, regime in zip(axes, regimes, strict=True):
+        runs = list(dict.fromkeys(zip(modelled[modelled.regime == regime].variant,
+                                      modelled[modelled.regime == regime].budget, strict=True)))
+        x = np.arange(len(runs))
+        ax.bar(x - len(machines) * width / 2, [measured.get((v, b, regime), np.nan) for v, b in runs], width,
+               label="measured here: MoE layers")
+        for j, machine in enumerate(machines):
+            rows = modelled[(modelled.regime == regime) & (modelled.machine == machine)].set_index(
+                ["variant", "budget"])
+            ax.bar(x + (j + 1 - len(machines) / 2) * width, [rows.ms.get((v, b), np.nan) for v, b in runs], width,
+                   hatch="//", label=f"modelled {machine}: expert path")
+        ax.set_xticks(x, [f"{v}\n{b}" for v, b in runs], fontsize=8)
+        ax.set_title(f"regime {regime}: ms per generated token")
+        ax.set_ylabel("ms / generated token")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    top = max(float(np.nanmax([measured.max(), modelled.ms.max()])), 1e-9)
+    axes[0].set_ylim(0, 1.15 * top)  # shared by the row

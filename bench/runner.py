@@ -107,19 +107,26 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
         print(f"card: {line}")
     per_rep = sum(1 for p, _, _ in variants(policy_list) for _ in (budget_list if p != "reference" else [0]))
     total = per_rep * len(regime_list) * repeat
-    print(f"bench: {total} runs ({per_rep} per regime and repeat); the expected total follows the first run")
+    print(f"bench: {total} runs ({per_rep} per regime and repeat), each a warm-up and {len(spec.prompts)} timed "
+          f"prompt(s)")
     bar = tqdm(total=total, desc="bench runs", unit="run")
     started = time.perf_counter()
+
+    def on_warmup(decode_s: float) -> None:  # before the first timed decode: a rough figure, said so
+        per_run = decode_s * (1 + len(spec.prompts))
+        bar.write(f"bench: expected about {total} runs x {per_run:.0f} s = {total * per_run / 60:.1f} min (from the "
+                  f"first warm-up decode, {decode_s:.1f} s; policies differ, and checks add time)")
 
     def on_row(r: dict) -> None:
         if bar.n == 0:
             first_s = time.perf_counter() - started  # the first run, its policy profiling included
-            bar.write(f"bench: expected about {total} runs x {first_s:.0f} s = {total * first_s / 60:.1f} min")
+            bar.write(f"bench: the first run took {first_s:.0f} s: expected about {total} runs x {first_s:.0f} s = "
+                      f"{total * first_s / 60:.1f} min")
         bar.update(1)
         bar.set_postfix_str(f"{r['variant']} {r['budget']} {r['regime']}: {r.get('tokens_per_s', 0):.1f} tok/s")
 
     try:
-        rows, context = run_sweep(spec, on_row=on_row)
+        rows, context = run_sweep(spec, on_row=on_row, on_warmup=on_warmup)
     finally:
         bar.close()
     bench_df = pd.read_csv(run_dir / "bench.csv")
@@ -134,7 +141,7 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
         card.append("accelerate is measured as accelerate runs it: its hooks copy each offloaded expert per call and "
                     "empty the CUDA cache on every load (allocator churn counts against it)")
     atomic_write(run_dir / "bench.md", report.markdown(bench_df, proj, card, command))
-    atomic_write(run_dir / "bench.png", lambda tmp: report.plot(bench_df, tmp))
+    atomic_write(run_dir / "bench.png", lambda tmp: report.plot(bench_df, tmp, proj))
     env = {"command": command, "model": str(model), "spec": {k: str(v) for k, v in vars(spec).items() if k != "cost"},
            "machine": {k.removeprefix("hw_"): v for k, v in rows[0].items() if k.startswith("hw_")},
            "cost_model": {"source": cost.source, "fetch_s": cost.fetch_s(), "h2d_GBps": cost.h2d_bytes_per_s / 1e9}}

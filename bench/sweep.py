@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,8 +86,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
     atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-def run_sweep(spec: SweepSpec, on_row: Callable[[dict], None] | None = None) -> tuple[list[dict], dict]:
-    """Measure every (policy, budget, regime, repeat); return the rows and the run's context (traces, bounds)."""
+def run_sweep(spec: SweepSpec, on_row: Callable[[dict], None] | None = None,
+              on_warmup: Callable[[float], None] | None = None) -> tuple[list[dict], dict]:
+    """Measure every (policy, budget, regime, repeat); return the rows and the run's context (traces, bounds).
+    `on_warmup` gets the seconds of the first run's warm-up decode (before any timed decode), `on_row` each row."""
     spec.out.mkdir(parents=True, exist_ok=True)
     runs = variants(spec.policies)
     first_budget = spec.budgets[0]
@@ -127,7 +130,7 @@ def run_sweep(spec: SweepSpec, on_row: Callable[[dict], None] | None = None) -> 
                     try:
                         engine.configure(policy, None if policy == "reference" else budget, popularity, trace=ptrace,
                                          **options)
-                        row = measure(engine, prompts, dcfg, rep, label, shown)
+                        row = measure(engine, prompts, dcfg, rep, label, shown, None if rows else on_warmup)
                         row.update(contract(engine, prompts, dcfg, row, reference, (regime, rep), truth, policy,
                                             budget))
                     except (DeviceMemoryError, torch.OutOfMemoryError) as err:  # the sweep goes on
@@ -200,8 +203,12 @@ def contract(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig, row: d
     return out
 
 
-def measure(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig, rep: int, label: str, budget: str) -> dict:
-    engine.run(prompts[0], cfg)  # untimed warm-up
+def measure(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig, rep: int, label: str, budget: str,
+            on_warmup: Callable[[float], None] | None = None) -> dict:
+    started = time.perf_counter()
+    engine.run(prompts[0], cfg)  # warm-up, not part of the row
+    if on_warmup:
+        on_warmup(time.perf_counter() - started)
     recording = hasattr(engine.executor, "host_log")  # the accelerate peer has no host tier
     if recording:
         engine.executor.host_log = []  # the host experts of every timed layer-forward, for the tier-matched replay

@@ -234,6 +234,41 @@ def test_bench_png_shows_every_policy_from_zero_on_one_scale(tmp_path, budgets):
         assert any(line.get_linestyle() == "--" for line in ax.get_lines())  # the reference
 
 
+def test_bench_png_puts_modelled_projections_beside_the_measured_time(tmp_path):
+    """A second row: per run, measured MoE time per token beside each reference machine's modelled time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tide.bench import report
+
+    bench = _bench_frame(["25%"]).assign(generated_tokens=64)
+    proj = pd.DataFrame([{"machine": m, "variant": v, "budget": "25%", "regime": r, "generated_tokens": 64,
+                          "expert_s": 0.01 * (1 + i)} for i, m in enumerate(("h100-pcie5", "a100-pcie4"))
+                         for v in ("lru", "tide") for r in ("block-kv", "full")])
+    shown = {}
+    real_savefig = plt.Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        shown["axes"] = fig.axes
+        return real_savefig(fig, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plt.Figure, "savefig", capture)
+        report.plot(bench, tmp_path / "bench.png", proj)
+    axes = shown["axes"]
+    assert len(axes) == 4
+    second = axes[2:]
+    assert len({ax.get_ylim() for ax in second}) == 1 and second[0].get_ylim()[0] == 0
+    for ax in second:
+        hatched = [p for c in ax.containers if hasattr(c, "patches") for p in c.patches if p.get_hatch()]
+        solid = [p for c in ax.containers if hasattr(c, "patches") for p in c.patches if not p.get_hatch()]
+        assert len(hatched) == 2 * 2 and len(solid) == 2  # two machines x two runs; measured for each run
+        assert sorted(round(p.get_height(), 6) for p in hatched) == [0.15625, 0.15625, 0.3125, 0.3125]
+        assert [round(p.get_height(), 6) for p in solid] == [round(1e3 * 0.1 / 64, 6)] * 2
+
+
 def test_terminal_table_is_compact_and_formatted_for_people():
     from tide.bench import report
 
