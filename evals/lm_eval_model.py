@@ -100,14 +100,17 @@ class TideLM(TemplateLM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> TideLM:
-        """lm-eval's constructor path, with model_args winning over lm-eval's own settings of the same name
-        (`device=cpu` in model_args against lm-eval's --device default of cuda:0), where lm-eval's base class
-        passes both and fails with a TypeError."""
         from lm_eval import utils
 
-        args = utils.simple_parse_args_string(arg_string)
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
-        return cls(**args, **extra)
+        return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> TideLM:
+        """lm-eval's constructor paths (its CLI hands model_args over as a dict, the Python API as a string), with
+        model_args winning over lm-eval's own settings of the same name (`device=cpu` in model_args against
+        lm-eval's --device default of cuda:0), where lm-eval's base class passes both and fails with a TypeError."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))

@@ -233,3 +233,7 @@ def test_device_in_model_args_wins_over_lm_evals_own(tiny_dir):
     lm = TideLM.create_from_arg_string(f"pretrained={tiny_dir},policy=lru,gpu_budget=4/layer,device=cpu",
                                        {"device": "cuda:0", "batch_size": 1})
     assert next(lm.engine.model.parameters()).device.type == "cpu"
+    # lm-eval's CLI takes the dict path (model_args parsed before the model is made)
+    lm = TideLM.create_from_arg_obj({"pretrained": str(tiny_dir), "policy": "lru", "gpu_budget": "4/layer",
+                                     "device": "cpu"}, {"device": "cuda:0", "batch_size": 1})
+    assert next(lm.engine.model.parameters()).device.type == "cpu"
