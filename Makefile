@@ -45,7 +45,7 @@ bench: venv
 
 bench-check: venv
 	rm -rf .cache/bench-check
-	$(BIN)/tide --threads 1 bench --model preset:tiny --budgets 25% --repeat 1 --gen-length 64 --projections "" --check --out .cache/bench-check
+	$(BIN)/tide --threads 1 bench --model preset:tiny --budgets 25% --repeat 1 --gen-length 64 --batch-sizes 1,4 --projections "" --check --out .cache/bench-check
 
 eval: venv
 	$(BIN)/tide $(if $(THREADS),--threads $(THREADS)) eval $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) --limit $(EVAL_LIMIT) --check-lossless $(EVAL_ARGS)

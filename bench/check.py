@@ -27,7 +27,7 @@ def check(bench: pd.DataFrame, context: dict, cost: CostModel) -> list[str]:
     if bench.truth.isna().all():
         failures.append("no reference or full-offload run: losslessness was not checked")
     for _, row in bench.dropna(subset=["identical_to_reference"]).iterrows():
-        where = f"{row.variant} at {row.budget} ({row.regime})"
+        where = f"{row.variant} at {row.budget} ({row.regime}, batch {int(row.get('batch_size', 1))})"
         if row.lossless_level == "a" and not bool(row.identical_to_reference):  # level a: exact
             failures.append(f"{where} (no host tier) is not token-identical to {row.truth}")
         if row.lossless_level == "b" and not bool(row.identical_to_tier_matched):  # level b: exact
@@ -50,6 +50,8 @@ def check(bench: pd.DataFrame, context: dict, cost: CostModel) -> list[str]:
 def bytes_report(bench: pd.DataFrame) -> list[str]:
     """Host->device bytes per policy at each budget and regime (medians over repeats), one line each."""
     bench = bench[bench.kind != "error"]
-    med = bench.groupby(["budget", "regime", "variant"], sort=False).bytes_h2d.median()
-    return [f"{budget} ({regime}): " + ", ".join(f"{v} {b / 1e9:.2f} GB" for v, b in grp.droplevel([0, 1]).items())
-            for (budget, regime), grp in med.groupby(level=[0, 1], sort=False)]
+    bench = bench.assign(batch_size=bench.batch_size.fillna(1).astype(int) if "batch_size" in bench else 1)
+    med = bench.groupby(["budget", "regime", "batch_size", "variant"], sort=False).bytes_h2d.median()
+    return [f"{budget} ({regime}, batch {batch}): " + ", ".join(f"{v} {b / 1e9:.2f} GB" for v, b in
+                                                             grp.droplevel([0, 1, 2]).items())
+            for (budget, regime, batch), grp in med.groupby(level=[0, 1, 2], sort=False)]

@@ -31,6 +31,10 @@ from tide.options import cpu_threads_option, device_kernel_option, device_option
 @device_kernel_option()
 @click.option("--repeat", type=click.IntRange(min=1), default=2, show_default=True,
               help="Interleaved repeats of every run.")
+@click.option("--batch-sizes", default="1", show_default=True,
+              help="Comma-separated requests per forward (continuous batching); 1 decodes one request at a time "
+                   "(the paper's setting). Every batch size decodes the same requests: the prompts, cycled up to "
+                   "the largest batch size.")
 @click.option("--profile", "profile_path", type=click.Path(), default=None,
               help="Hardware profile for tide's planner (default: a quick calibration on this machine).")
 @click.option("--refresh-interval", default="auto", show_default=True, help="tide's R, or auto (planner).")
@@ -44,14 +48,14 @@ from tide.options import cpu_threads_option, device_kernel_option, device_option
               help="With --model preset:NAME: that shape truncated to this many layers (e.g. mini at 4 layers).")
 def bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps, threshold, device,
           dtype, cpu_threads, host_kernel, device_kernel, repeat, profile_path, refresh_interval, projections, out,
-          check, chat, layers) -> None:
+          check, chat, layers, batch_sizes) -> None:
     """Every policy side by side on one model: bench.csv, bench.md, bench.png, env.json under results/."""
     from tide.bench.runner import run_bench
 
     summary = run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps,
                         threshold, device, dtype, cpu_threads, repeat, profile_path, refresh_interval, projections,
                         out, check, command="tide " + " ".join(sys.argv[1:]), chat=chat, layers=layers,
-                        host_kernel=host_kernel, device_kernel=device_kernel)
+                        host_kernel=host_kernel, device_kernel=device_kernel, batch_sizes=batch_sizes)
     click.echo(json.dumps(summary))
     if summary.get("failures"):
         sys.exit(1)

@@ -15,7 +15,7 @@ import pandas as pd
 
 from tide.bench.sweep import BASELINES
 
-KEYS = ["variant", "budget", "slots_per_layer", "regime"]
+KEYS = ["variant", "budget", "slots_per_layer", "regime", "batch_size"]
 
 
 def yes_no(s: pd.Series) -> str:
@@ -25,11 +25,17 @@ def yes_no(s: pd.Series) -> str:
 
 def summarise(bench: pd.DataFrame) -> pd.DataFrame:
     bench = bench[bench.kind != "error"]
+    bench = bench.assign(batch_size=bench.batch_size.fillna(1).astype(int) if "batch_size" in bench else 1)
+    for column in ("mb_h2d_per_token", "tokens_per_s_per_request", "host_tokens_per_expert"):
+        if column not in bench:
+            bench = bench.assign(**{column: float("nan")})
     g = bench.groupby(KEYS, sort=False)
     out = g.agg(tokens_per_s=("tokens_per_s", "median"), tps_min=("tokens_per_s", "min"),
                 tps_max=("tokens_per_s", "max"), forwards_per_block=("forwards_per_block", "median"),
                 mb_h2d=("bytes_h2d", lambda b: b.median() / 1e6), gpu_hit_ratio=("gpu_hit_ratio", "median"),
                 pairs_cpu=("pairs_cpu", "median"), moe_s=("moe_s", "median"),
+                per_request=("tokens_per_s_per_request", "median"), mb_per_token=("mb_h2d_per_token", "median"),
+                host_tokens_per_expert=("host_tokens_per_expert", "median"),
                 level=("lossless_level", "first"), identical=("identical_to_reference", yes_no),
                 tier_matched=("identical_to_tier_matched", yes_no), top1=("top1_agreement", "min"),
                 top1_flips=("top1_flips", "max"), top1_positions=("top1_positions", "min"),
@@ -38,7 +44,8 @@ def summarise(bench: pd.DataFrame) -> pd.DataFrame:
         col = f"x_vs_{base}"
         out[col] = None
         for i, row in out.iterrows():
-            ref = out[(out.variant == base) & (out.budget == row.budget) & (out.regime == row.regime)]
+            ref = out[(out.variant == base) & (out.budget == row.budget) & (out.regime == row.regime)
+                      & (out.batch_size == row.batch_size)]
             if len(ref) and row.variant != base:
                 out.at[i, col] = round(row.tokens_per_s / ref.tokens_per_s.iloc[0], 2)
     return out
@@ -47,14 +54,14 @@ def summarise(bench: pd.DataFrame) -> pd.DataFrame:
 def losses(summary: pd.DataFrame) -> list[str]:
     """Every (budget, regime) where a baseline is faster than plain TIDE, in words."""
     lines = []
-    for (budget, regime), grp in summary.groupby(["budget", "regime"], sort=False):
+    for (budget, regime, batch), grp in summary.groupby(["budget", "regime", "batch_size"], sort=False):
         tide = grp[grp.variant == "tide"]
         if not len(tide):
             continue
         t = tide.tokens_per_s.iloc[0]
         for _, b in grp[grp.variant.isin(BASELINES)].iterrows():
             if b.tokens_per_s > t:
-                lines.append(f"- {b.variant} beats tide at budget {budget} ({regime}): {b.tokens_per_s:.2f} vs "
+                lines.append(f"- {b.variant} beats tide at budget {budget} ({regime}, batch {batch}): {b.tokens_per_s:.2f} vs "
                              f"{t:.2f} tok/s (tide moved {tide.mb_h2d.iloc[0]:.1f} MB, {b.variant} {b.mb_h2d:.1f} MB; "
                              f"CPU pairs {tide.pairs_cpu.iloc[0]:.0f} vs {b.pairs_cpu:.0f})")
     return lines
@@ -98,14 +105,17 @@ def compact(bench: pd.DataFrame) -> str:
     s = summarise(bench)
     rows = []
     for _, r in s.iterrows():
-        ref = s[(s.variant == "reference") & (s.regime == r.regime)]
-        tide = s[(s.variant == "tide") & (s.budget == r.budget) & (s.regime == r.regime)]
+        same = (s.regime == r.regime) & (s.batch_size == r.batch_size)
+        ref = s[(s.variant == "reference") & same]
+        tide = s[(s.variant == "tide") & (s.budget == r.budget) & same]
         lossless = r.identical if r.level == "a" else r.tier_matched if r.level == "b" else f"top1 {r.top1:.3f}"
-        rows.append({"policy": r.variant, "budget": r.budget, "regime": r.regime, "tok/s": r.tokens_per_s,
+        rows.append({"policy": r.variant, "budget": r.budget, "regime": r.regime, "batch": r.batch_size,
+                     "tok/s": r.tokens_per_s,
                      "x reference": r.tokens_per_s / ref.tokens_per_s.iloc[0] if len(ref) else None,
                      "tide x it": tide.tokens_per_s.iloc[0] / r.tokens_per_s if len(tide) and r.variant != "tide"
-                     else None, "MB H2D": r.mb_h2d, "lossless": lossless})
-    return table(pd.DataFrame(rows))
+                     else None, "MB H2D": r.mb_h2d, "MB/token": r.mb_per_token, "lossless": lossless})
+    frame = pd.DataFrame(rows)
+    return table(frame if frame.batch.nunique() > 1 else frame.drop(columns=["batch", "MB/token"]))
 
 
 def markdown(bench: pd.DataFrame, proj: pd.DataFrame | None, card: list[str], command: str) -> str:
@@ -166,14 +176,15 @@ def plot(bench: pd.DataFrame, path: Path, proj: pd.DataFrame | None = None) -> N
     import numpy as np
 
     s = summarise(bench)
-    regimes = list(s.regime.unique())
-    if not regimes:
+    panels = list(dict.fromkeys(zip(s.regime, s.batch_size)))  # (regime, batch size)
+    if not panels:
         return
+    batches = len({b for _, b in panels}) > 1
     with_proj = proj is not None and len(proj) > 0
-    fig, axes = plt.subplots(1 + with_proj, len(regimes), figsize=(6 * len(regimes), 4 + 4 * with_proj),
+    fig, axes = plt.subplots(1 + with_proj, len(panels), figsize=(6 * len(panels), 4 + 4 * with_proj),
                              squeeze=False, sharey="row")
-    for ax, regime in zip(axes[0], regimes, strict=True):
-        grp = s[s.regime == regime]
+    for ax, (regime, batch) in zip(axes[0], panels, strict=True):
+        grp = s[(s.regime == regime) & (s.batch_size == batch)]
         ref, runs = grp[grp.variant == "reference"], grp[grp.variant != "reference"]
         budgets, variants = list(dict.fromkeys(runs.budget)), list(dict.fromkeys(runs.variant))
         width = 0.8 / max(1, len(variants))
@@ -187,38 +198,42 @@ def plot(bench: pd.DataFrame, path: Path, proj: pd.DataFrame | None = None) -> N
                                                 strict=True)])
         if len(ref):
             ax.axhline(ref.tokens_per_s.iloc[0], ls="--", color="black", label="reference (all resident)")
-        ax.set_title(f"regime {regime} (measured; bars: min-max over repeats)")
+        ax.set_title(f"regime {regime}{f', batch {batch}' if batches else ''} (measured; bars: min-max over "
+                     "repeats)")
         ax.set_xlabel("GPU expert budget")
         ax.set_ylabel("tokens / s")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
     axes[0][0].set_ylim(0, 1.15 * max(s.tps_max.max(), 1e-9))  # shared by every panel
     if with_proj:
-        _plot_projections(axes[1], regimes, bench, proj)
+        _plot_projections(axes[1], panels, bench, proj)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _plot_projections(axes, regimes: list[str], bench: pd.DataFrame, proj: pd.DataFrame) -> None:
+def _plot_projections(axes, panels: list[tuple[str, int]], bench: pd.DataFrame, proj: pd.DataFrame) -> None:
     """Per run: ms per generated token in the MoE layers measured here, beside the modelled expert path on each
     reference machine (hatched), y from 0 on one scale."""
     import numpy as np
 
-    measured = bench[bench.kind != "error"].assign(ms=lambda d: 1e3 * d.moe_s / d.generated_tokens)
-    measured = measured.groupby(["variant", "budget", "regime"], sort=False).ms.median()
-    modelled = proj.assign(ms=lambda d: 1e3 * d.expert_s / d.generated_tokens)
+    def batch_of(d: pd.DataFrame) -> pd.Series:
+        return d.batch_size.fillna(1).astype(int) if "batch_size" in d else pd.Series(1, index=d.index)
+
+    measured = bench[bench.kind != "error"]
+    measured = measured.assign(ms=1e3 * measured.moe_s / measured.generated_tokens, batch_size=batch_of(measured))
+    measured = measured.groupby(["variant", "budget", "regime", "batch_size"], sort=False).ms.median()
+    modelled = proj.assign(ms=1e3 * proj.expert_s / proj.generated_tokens, batch_size=batch_of(proj))
     machines = list(dict.fromkeys(modelled.machine))
     width = 0.8 / (1 + len(machines))
-    for ax, regime in zip(axes, regimes, strict=True):
-        runs = list(dict.fromkeys(zip(modelled[modelled.regime == regime].variant,
-                                      modelled[modelled.regime == regime].budget, strict=True)))
+    for ax, (regime, batch) in zip(axes, panels, strict=True):
+        mine = modelled[(modelled.regime == regime) & (modelled.batch_size == batch)]
+        runs = list(dict.fromkeys(zip(mine.variant, mine.budget, strict=True)))
         x = np.arange(len(runs))
-        ax.bar(x - len(machines) * width / 2, [measured.get((v, b, regime), np.nan) for v, b in runs], width,
+        ax.bar(x - len(machines) * width / 2, [measured.get((v, b, regime, batch), np.nan) for v, b in runs], width,
                label="measured here: MoE layers")
         for j, machine in enumerate(machines):
-            rows = modelled[(modelled.regime == regime) & (modelled.machine == machine)].set_index(
-                ["variant", "budget"])
+            rows = mine[mine.machine == machine].set_index(["variant", "budget"])
             ax.bar(x + (j + 1 - len(machines) / 2) * width, [rows.ms.get((v, b), np.nan) for v, b in runs], width,
                    hatch="//", label=f"modelled {machine}: expert path")
         ax.set_xticks(x, [f"{v}\n{b}" for v, b in runs], fontsize=8)

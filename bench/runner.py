@@ -61,7 +61,7 @@ def _csv(text: str) -> list[str]:
 def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, block_length, steps, threshold,
               device, dtype, cpu_threads, repeat, profile_path, refresh_interval, machines, out, check,
               command: str, chat: bool = False, layers: int | None = None, host_kernel: str = "auto",
-              device_kernel: str = "swiglu") -> dict:
+              device_kernel: str = "swiglu", batch_sizes: str = "1") -> dict:
     import tide.baselines  # noqa: F401  (registers the baseline policies)
     import tide.refresh  # noqa: F401
 
@@ -81,6 +81,7 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
     sizes = BudgetSizes(cfg.num_experts, len(cfg.moe_layers), 3 * cfg.moe_intermediate_size * cfg.hidden_size, 0, 0)
     for budget in budget_list:
         slots_per_layer(budget, sizes)  # a ValueError naming the budget
+    batch_list = parse_batch_sizes(batch_sizes)
     bad = [r for r in regime_list if r not in REGIMES]
     if bad or not regime_list:
         raise ValueError(f"--regime {regimes!r}: choose from {', '.join(REGIMES)}")
@@ -100,20 +101,21 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
     cost = load_or_calibrate(profile_path, cfg.hidden_size, cfg.moe_intermediate_size, torch_dtype(dtype, cfg),
                              device, cpu_threads, host_kernel)
     spec = SweepSpec(str(model), policy_list, budget_list, regime_list, prompts, decode, device, dtype, cpu_threads,
-                     repeat, cost, run_dir, tide_options, chat, host_kernel, device_kernel)
+                     repeat, cost, run_dir, tide_options, chat, host_kernel, device_kernel, batch_list)
     card = card_lines(spec, cfg, cost) + [f"host kernel: {kernel_note}; device kernel: {device_kernel}" + (
         " (grouped GEMMs: every run is held to lossless level c)" if device_kernel == "grouped" else "")]
     for line in card:
         print(f"card: {line}")
     per_rep = sum(1 for p, _, _ in variants(policy_list) for _ in (budget_list if p != "reference" else [0]))
-    total = per_rep * len(regime_list) * repeat
-    print(f"bench: {total} runs ({per_rep} per regime and repeat), each a warm-up and {len(spec.prompts)} timed "
-          f"prompt(s)")
+    total = per_rep * len(regime_list) * len(batch_list) * repeat
+    n_requests = max(len(spec.prompts), max(batch_list))
+    print(f"bench: {total} runs ({per_rep} per regime, batch size and repeat), each a warm-up and {n_requests} timed "
+          f"request(s)")
     bar = tqdm(total=total, desc="bench runs", unit="run")
     started = time.perf_counter()
 
     def on_warmup(decode_s: float) -> None:  # before the first timed decode: a rough figure, said so
-        per_run = decode_s * (1 + len(spec.prompts))
+        per_run = decode_s * (1 + n_requests)
         bar.write(f"bench: expected about {total} runs x {per_run:.0f} s = {total * per_run / 60:.1f} min (from the "
                   f"first warm-up decode, {decode_s:.1f} s; policies differ, and checks add time)")
 
@@ -152,7 +154,8 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
     for line in report.losses(report.summarise(bench_df)) or ["- no baseline beats tide in this run"]:
         print(line)
     summary = {"out": str(run_dir), "rows": len(rows), "kind": "measured",
-               "tokens_per_s": {f"{r['variant']}|{r['budget']}|{r['regime']}": round(r["tokens_per_s"], 3)
+               "tokens_per_s": {f"{r['variant']}|{r['budget']}|{r['regime']}"
+                                + (f"|batch {r['batch_size']}" if len(batch_list) > 1 else ""): round(r["tokens_per_s"], 3)
                                 for r in rows if r["repeat"] == 0 and r.get("kind") != "error"}}
     if check:
         summary["failures"] = run_checks(bench_df, context, cost)
@@ -162,6 +165,16 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
             print(f"CHECK FAILED: {failure}")
         print("bench checks: " + ("all hold" if not summary["failures"] else f"{len(summary['failures'])} failed"))
     return summary
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in _csv(text)]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--batch-sizes {text!r}: give positive integers, comma-separated (e.g. 1,4,16)")
+    return list(dict.fromkeys(sizes))
 
 
 def torch_threads() -> int:

@@ -22,6 +22,7 @@ from tide.bench.bounds import oracle_bound_s
 from tide.bench.hardware import stamp
 from tide.calibrate import estimate
 from tide.config import DecodeConfig
+from tide.decode import Request
 from tide.cost import CostModel
 from tide.engine import Engine, load
 from tide.evals.lossless import all_resident_fits, compare_logits, level, teacher_forced_logits, token_agreement
@@ -44,7 +45,9 @@ COLUMNS = ["policy", "variant", "budget", "slots_per_layer", "budget_bytes", "re
            # the lossless contract (evals/lossless.py): level a or b, and level c's agreement with the ground truth
            "truth", "lossless_level", "identical_to_tier_matched", "token_agreement", "first_divergence",
            "logits_max_abs_diff", "top1_agreement", "peak_gpu_reserved_bytes", "error", "top1_flips", "top1_positions",
-           "device_kernel"]
+           "device_kernel",
+           # batches (issue 22): requests per forward, whole-batch tokens/s above, per request here
+           "batch_size", "requests", "tokens_per_s_per_request", "mb_h2d_per_token", "host_tokens_per_expert"]
 
 
 @dataclass
@@ -65,6 +68,7 @@ class SweepSpec:
     chat: bool = False  # prompts wrapped in the tokenizer's chat template
     host_kernel: str = "auto"  # tide.experts.host_kernels
     device_kernel: str = "swiglu"  # tide.experts.executor: swiglu (levels a, b by construction) or grouped (c)
+    batch_sizes: list[int] = field(default_factory=lambda: [1])  # requests per forward; 1 = one at a time
 
 
 def variants(policies: list[str]) -> list[tuple[str, str, dict]]:
@@ -111,8 +115,11 @@ def run_sweep(spec: SweepSpec, on_row: Callable[[dict], None] | None = None,
     reference: dict[tuple[str, int], tuple[list[list[int]], list]] = {}  # truth tokens and probe logits
     traces: dict[tuple[str, str, str], RoutingTrace] = {}
     rows: list[dict] = []
+    # every batch size decodes the same requests: the prompts, cycled up to the largest batch
+    n_requests = max(len(prompts), max(spec.batch_sizes))
+    prompts = [prompts[i % len(prompts)] for i in range(n_requests)]
     for rep in range(spec.repeat):
-        for regime in spec.regimes:
+        for regime, batch in ((r, b) for r in spec.regimes for b in spec.batch_sizes):
             dcfg = dataclasses.replace(spec.decode, regime=regime)
             for budget in spec.budgets:
                 if (budget, regime) not in profiles:
@@ -130,17 +137,17 @@ def run_sweep(spec: SweepSpec, on_row: Callable[[dict], None] | None = None,
                     try:
                         engine.configure(policy, None if policy == "reference" else budget, popularity, trace=ptrace,
                                          **options)
-                        row = measure(engine, prompts, dcfg, rep, label, shown, None if rows else on_warmup)
-                        row.update(contract(engine, prompts, dcfg, row, reference, (regime, rep), truth, policy,
-                                            budget))
+                        row = measure(engine, prompts, dcfg, rep, label, shown, None if rows else on_warmup, batch)
+                        row.update(contract(engine, prompts, dcfg, row, reference, (regime, rep, batch), truth,
+                                            policy, budget))
                     except (DeviceMemoryError, torch.OutOfMemoryError) as err:  # the sweep goes on
                         row = {"policy": policy, "variant": label, "budget": shown, "regime": regime, "repeat": rep,
-                               "kind": "error", "error": f"{type(err).__name__}: {err}".splitlines()[0]}
+                               "batch_size": batch, "kind": "error", "error": f"{type(err).__name__}: {err}".splitlines()[0]}
                         print(f"note: {label} at {shown} ({regime}) failed: {row['error']}")
                     else:
                         interval = getattr(engine.executor.policy, "interval", None)
                         row["refresh_interval"] = json.dumps(sorted(set(interval.values()))) if interval else None
-                        traces[(label, row["budget"], regime)] = row.pop("_trace")
+                        traces[(label, row["budget"], regime, batch)] = row.pop("_trace")
                     rows.append({**row, **shape, **hw})
                     write_csv(rows, spec.out / "bench.csv")
                     if on_row:
@@ -196,7 +203,10 @@ def contract(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig, row: d
 
         engine.configure("tier-matched", budget, host_log=host_log)
         try:
-            out["identical_to_tier_matched"] = [engine.generate(p, cfg).tokens for p in prompts] == tokens
+            out["identical_to_tier_matched"] = tokens == ([engine.generate(p, cfg).tokens for p in prompts]
+                                                          if row["batch_size"] == 1 else
+                                                          [g.tokens for g in engine.generate_batch(
+                                                              [Request(p, cfg) for p in prompts], row["batch_size"])])
         except TierMismatch as err:  # the replay routed differently: the outputs were not the same
             out["identical_to_tier_matched"] = False
             print(f"note: {policy} at {budget}: {err}")
@@ -204,7 +214,7 @@ def contract(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig, row: d
 
 
 def measure(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig, rep: int, label: str, budget: str,
-            on_warmup: Callable[[float], None] | None = None) -> dict:
+            on_warmup: Callable[[float], None] | None = None, batch: int = 1) -> dict:
     started = time.perf_counter()
     engine.run(prompts[0], cfg)  # warm-up, not part of the row
     if on_warmup:
@@ -212,33 +222,27 @@ def measure(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig, rep: in
     recording = hasattr(engine.executor, "host_log")  # the accelerate peer has no host tier
     if recording:
         engine.executor.host_log = []  # the host experts of every timed layer-forward, for the tier-matched replay
-    total: dict[str, float] = {}
-    tokens, trace = [], RoutingTrace(engine.config.num_experts, engine.config.moe_layers)
-    peak = reserved = 0
-    blocks = 0
-    for p in prompts:
-        result = engine.run(p, cfg, trace=True)
-        tokens.append(result["tokens"])
-        trace.records += result["trace"].records
-        s = result["stats"]
-        blocks += len(s["steps_per_block"])
-        peak = max(peak, s["peak_gpu_bytes"] or 0)
-        reserved = max(reserved, s["peak_gpu_reserved_bytes"] or 0)
-        for k in ("generated_tokens", "seconds", "forwards", "bytes_h2d", "fetched_experts", "streamed_experts",
-                  "pairs_gpu", "pairs_cpu", "fetch_s", "gpu_expert_s", "cpu_expert_s", "moe_s", "non_expert_s"):
-            total[k] = total.get(k, 0) + s[k]
+    result = engine.run_batch([Request(p, cfg) for p in prompts], batch, trace=True)
+    s = result["stats"]
+    total = {k: s[k] for k in ("generated_tokens", "seconds", "forwards", "bytes_h2d", "fetched_experts",
+                               "streamed_experts", "pairs_gpu", "pairs_cpu", "cpu_experts", "fetch_s", "gpu_expert_s",
+                               "cpu_expert_s", "moe_s", "non_expert_s")}
     host_log = engine.executor.host_log if recording else []
     if recording:
         engine.executor.host_log = None
     pairs = total["pairs_gpu"] + total["pairs_cpu"]
+    tokens_per_s = total["generated_tokens"] / total["seconds"]
     return {"policy": label.partition("+")[0], "variant": label, "budget": budget,
             "slots_per_layer": engine.store.slots, "budget_bytes": engine.store.device_bytes, "regime": cfg.regime,
-            "repeat": rep, "prompts": len(prompts), **total,
-            "tokens_per_s": total["generated_tokens"] / total["seconds"],
-            "forwards_per_block": total["forwards"] / max(1, blocks),
+            "repeat": rep, "prompts": len(prompts), **total, "tokens_per_s": tokens_per_s,
+            "batch_size": batch, "requests": len(prompts),
+            "tokens_per_s_per_request": tokens_per_s / min(batch, len(prompts)),  # while the batch is full
+            "mb_h2d_per_token": total["bytes_h2d"] / 1e6 / max(1, total["generated_tokens"]),
+            "host_tokens_per_expert": total["pairs_cpu"] / total["cpu_experts"] if total["cpu_experts"] else None,
+            "forwards_per_block": s["forwards_per_block"],
             "gpu_hit_ratio": total["pairs_gpu"] / pairs if pairs else 1.0,
-            "peak_gpu_bytes": peak or None, "peak_gpu_reserved_bytes": reserved or None, "kind": "measured",
-            "_tokens": tokens, "_trace": trace, "_host_log": host_log}
+            "peak_gpu_bytes": s["peak_gpu_bytes"] or None, "peak_gpu_reserved_bytes": s["peak_gpu_reserved_bytes"]
+            or None, "kind": "measured", "_tokens": result["tokens"], "_trace": result["trace"], "_host_log": host_log}
 
 
 def projections(rows: list[dict], context: dict, machines: list[str]) -> list[dict]:
@@ -248,7 +252,7 @@ def projections(rows: list[dict], context: dict, machines: list[str]) -> list[di
     out = []
     seen = set()
     for row in rows:
-        key = (row["variant"], row["budget"], row["regime"])
+        key = (row["variant"], row["budget"], row["regime"], row.get("batch_size", 1))
         if row["repeat"] != 0 or key in seen or row["policy"] not in REPLAYABLE:
             continue
         seen.add(key)
@@ -271,6 +275,7 @@ def projections(rows: list[dict], context: dict, machines: list[str]) -> list[di
             bound = oracle_bound_s(trace, slots, cost)
             out.append({"machine": machine, "policy": row["policy"], "variant": row["variant"],
                         "budget": row["budget"], "slots_per_layer": slots, "regime": row["regime"],
+                        "batch_size": key[3],
                         "generated_tokens": row["generated_tokens"], "expert_s": result.step_s,
                         "io_s": result.io_s, "cpu_s": result.cpu_s, "bytes_h2d": result.bytes_h2d,
                         "gpu_hit_ratio": result.gpu_hit_ratio, "oracle_s": bound,

@@ -62,16 +62,17 @@ def test_report_and_checks(sweep, tmp_path):
     assert check(bench, context, cost) == []
     lossy = bench.copy()
     lossy.loc[lossy.variant == "lru", "identical_to_reference"] = False
-    assert any("lru at 25% (block-kv) (no host tier) is not token-identical" in f for f in check(lossy, context, cost))
+    assert any("lru at 25% (block-kv, batch 1) (no host tier) is not token-identical" in f
+               for f in check(lossy, context, cost))
     slot_bug = bench.copy()
     slot_bug.loc[slot_bug.variant == "tide", "identical_to_tier_matched"] = False
-    assert any("tide at 25% (block-kv) is not token-identical to its tier-matched" in f
+    assert any("tide at 25% (block-kv, batch 1) is not token-identical to its tier-matched" in f
                for f in check(slot_bug, context, cost))
     n = int(bench.top1_positions.iloc[0])
     drift = bench.copy()
     drift.loc[drift.variant == "cpu-fallback", "top1_flips"] = n // 5  # a wrong expert flips many argmaxes
-    assert any("cpu-fallback at 25% (block-kv) against reference: " in f and "teacher-forced argmaxes differ" in f
-               for f in check(drift, context, cost))
+    assert any("cpu-fallback at 25% (block-kv, batch 1) against reference: " in f
+               and "teacher-forced argmaxes differ" in f for f in check(drift, context, cost))
     near_ties = bench.copy()
     near_ties.loc[near_ties.variant == "cpu-fallback", "top1_flips"] = 1  # one flipped near-tie: a correct engine
     assert check(near_ties, context, cost) == []
@@ -84,7 +85,7 @@ def test_oracle_bound_is_below_every_policy(sweep):
     _, rows, context, cost = sweep
     engine = context["engine"]
     cost = cost.for_expert_bytes(engine.store.expert_bytes)
-    for (variant, budget, regime), trace in context["traces"].items():
+    for (variant, budget, regime, _batch), trace in context["traces"].items():
         if variant == "reference":
             continue
         slots = next(r["slots_per_layer"] for r in rows if r["variant"] == variant)
@@ -110,10 +111,15 @@ def test_cli_bench_end_to_end(tiny_dir, tmp_path):
     res = CliRunner().invoke(main, ["--threads", "1", "bench", "--model", str(tiny_dir), "--policies",
                                     "reference,lru,tide", "--budgets", "4/layer", "--regime", "full", "--gen-length",
                                     "48", "--block-length", "8", "--repeat", "1", "--profile", str(profile),
+                                    "--batch-sizes", "1,2",
                                     "--projections", "h100-pcie5", "--out", str(out), "--check"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output.strip().splitlines()[-1])
-    assert summary["failures"] == [] and summary["rows"] == 3
+    assert summary["failures"] == [] and summary["rows"] == 6
+    csv = pd.read_csv(out / "bench.csv")
+    assert sorted(csv.batch_size) == [1, 1, 1, 2, 2, 2] and csv.identical_to_reference.all()
+    for column in ("tokens_per_s_per_request", "mb_h2d_per_token", "host_tokens_per_expert", "requests"):
+        assert column in csv, column
     assert (pd.read_csv(out / "bench.csv").top1_positions >= 256).all()  # level c decided on enough positions
     for name in ("bench.csv", "bench.md", "bench.png", "env.json", "projections.csv"):
         assert (out / name).is_file(), name

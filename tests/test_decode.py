@@ -111,3 +111,79 @@ def test_prompt_validation(tiny_dir):
         engine.generate([], DecodeConfig())
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.generate([1, 999], DecodeConfig())
+
+
+def _requests(vocab: int, regime: str) -> list:
+    """Seven requests: prompt lengths 3-40 (mid-block and block-aligned), gen lengths 8-40, greedy and sampled."""
+    import random
+
+    from tide.decode import Request
+
+    rng = random.Random(0)
+    out = []
+    for i, P in enumerate((3, 8, 17, 40, 5, 24, 11)):
+        prompt = [rng.randrange(1, vocab // 2) for _ in range(P)]
+        cfg = DecodeConfig(gen_length=(8, 16, 40)[i % 3], block_length=8, steps=4, regime=regime, seed=i,
+                           temperature=0.0 if i % 2 else 0.7)
+        out.append(Request(prompt, cfg))
+    return out
+
+
+@pytest.mark.parametrize("regime", ["block-kv", "full"])
+def test_a_batch_decodes_each_request_to_its_tokens_alone(tiny_dir, regime):
+    """Different prompt lengths, gen lengths, sampling and early EOS: batched (continuously, 3 at a time, and all
+    at once) each request gets exactly the tokens it gets alone, in float32 on the CPU."""
+    from tide.decode import generate_batch
+
+    engine = load(tiny_dir, policy="reference", dtype="float32")
+    requests = _requests(engine.config.vocab_size, regime)
+    from collections import Counter
+
+    engine.eos_id = None  # then the token the random model emits most often: some requests stop early
+    engine.eos_id = Counter(t for r in requests for t in engine.generate(r.prompt, r.cfg).tokens).most_common(1)[0][0]
+    alone = [engine.generate(r.prompt, r.cfg) for r in requests]
+    assert any(len(g.tokens) < r.cfg.gen_length for g, r in zip(alone, requests, strict=True))  # early EOS
+    assert any(len(g.tokens) == r.cfg.gen_length for g, r in zip(alone, requests, strict=True))
+    for batch in (3, 7):
+        together = generate_batch(engine.model, requests, batch, engine.mask_id, engine.eos_id)
+        assert [g.tokens for g in together] == [g.tokens for g in alone], batch
+        assert [g.steps_per_block for g in together] == [g.steps_per_block for g in alone]
+        assert [g.forwards for g in together] == [g.forwards for g in alone]
+
+
+def test_continuous_batching_admits_and_retires_by_step_counts(tiny_dir):
+    """Never more than batch_size requests per forward; a finished request's place goes to the next waiting one
+    before the next forward; the same requests give the same schedule (every StepInfo) twice."""
+    from tide.decode import Request
+
+    engine = load(tiny_dir, policy="lru", gpu_budget="4/layer", dtype="float32")
+    requests = _requests(engine.config.vocab_size, "block-kv")
+    schedules = []
+    for _ in range(2):
+        seen = []
+        policy_plan = engine.executor.policy.plan
+        engine.executor.policy.plan = lambda at, *a, _p=policy_plan, _s=seen: (_s.append(at), _p(at, *a))[1]
+        engine.run_batch([Request(r.prompt, r.cfg) for r in requests], 3)
+        engine.executor.policy.plan = policy_plan
+        schedules.append(seen)
+    assert schedules[0] == schedules[1]
+    denoise = [at for at in schedules[0] if at.kind == "denoise"]
+    assert max(at.requests for at in denoise) == 3 and min(at.requests for at in denoise) >= 1
+    # the batch stays full while requests wait: 7 requests, 3 at a time, so the first forwards carry 3
+    assert [at.requests for at in denoise[:3]] == [3, 3, 3]
+    steps = [(at.block, at.step) for at in denoise if at.layer == denoise[0].layer]
+    assert steps == [(f // 4, f % 4) for f in range(len(steps))]  # the batch's clock: every forward counts
+
+
+def test_run_batch_counts_the_batch_forwards(tiny_dir):
+
+    engine = load(tiny_dir, policy="reference", dtype="float32")
+    requests = _requests(engine.config.vocab_size, "block-kv")[:4]
+    one = engine.run(requests[0].prompt, requests[0].cfg)
+    assert one["stats"]["forwards"] == engine.generate(requests[0].prompt, requests[0].cfg).forwards
+    alone = engine.run_batch(requests, 1)["stats"]
+    together = engine.run_batch(requests, 4)["stats"]
+    assert together["generated_tokens"] == alone["generated_tokens"]
+    assert together["forwards"] < alone["forwards"]  # a forward serves every request in it
+    with pytest.raises(ValueError, match="batch size"):
+        engine.run_batch(requests, 0)

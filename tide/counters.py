@@ -29,6 +29,7 @@ class LayerStep:
     pairs_gpu: int  # (token, expert) pairs computed on the GPU tier
     pairs_cpu: int
     prefetched_experts: int = 0  # the next layer's experts copied during this layer (counted in bytes_h2d)
+    cpu_experts: int = 0  # experts computed on the host tier (pairs_cpu / cpu_experts = its tokens per expert)
     fetch_s: float = 0.0  # copy time (CUDA events on the copy stream; host time on CPU)
     gpu_expert_s: float = 0.0
     cpu_expert_s: float = 0.0  # worker wall time
@@ -93,6 +94,11 @@ class Counters:
         pairs = out["pairs_gpu"] + out["pairs_cpu"]
         out["gpu_hit_ratio"] = out["pairs_gpu"] / pairs if pairs else 1.0  # token-weighted
         return out
+
+    def forwards(self) -> int:
+        """Model forwards seen (every forward passes each MoE layer once: the records of the first one)."""
+        first = min((r.layer for r in self.records), default=None)
+        return sum(r.layer == first for r in self.records)
 
     def routed_tokens_per_layer(self) -> dict[int, int]:
         per: dict[int, int] = {}

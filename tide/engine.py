@@ -20,7 +20,7 @@ from torch import Tensor
 from tide.budget import BudgetSizes, slots_per_layer
 from tide.checkpoint import CheckpointReader, fill_store, load_model, load_tokenizer, read_generation_config
 from tide.config import DTYPES, DecodeConfig, ModelConfig, default_cpu_threads
-from tide.decode import Generation, generate
+from tide.decode import Generation, Request, generate, generate_batch
 from tide.device import resolve_device
 from tide.experts.executor import DEVICE_KERNELS, MoEExecutor, swiglu
 from tide.experts.host_kernels import host_kernel as choose_host_kernel
@@ -77,8 +77,17 @@ class Engine:
     def generate(self, prompt: list[int], cfg: DecodeConfig) -> Generation:
         return generate(self.model, prompt, cfg, self.mask_id, self.eos_id)
 
+    def generate_batch(self, requests: list[Request], batch_size: int) -> list[Generation]:
+        return generate_batch(self.model, requests, batch_size, self.mask_id, self.eos_id)
+
     def run(self, ids: list[int], cfg: DecodeConfig, trace: bool = False) -> dict[str, Any]:
         """One timed generation: tokens, stats (counters, throughput, peak GPU memory) and the optional trace."""
+        out = self.run_batch([Request(ids, cfg)], 1, trace)
+        return {"tokens": out["tokens"][0], "stats": out["stats"], "trace": out["trace"]}
+
+    def run_batch(self, requests: list[Request], batch_size: int, trace: bool = False) -> dict[str, Any]:
+        """Timed generation of `requests`, `batch_size` per forward (1: one at a time through the single-request
+        decoder, the paper's setting): each request's tokens, stats over all of them, the optional trace."""
         if self.executor is None:
             raise ValueError("the engine has no policy configured (the last configure failed)")
         self.executor.counters.clear()
@@ -91,23 +100,29 @@ class Engine:
         t0 = time.perf_counter()
         self.executor.timing = True  # device time spans only in timed runs, resolved by finish() below
         try:
-            gen = self.generate(ids, cfg)
+            gens = ([self.generate(r.prompt, r.cfg) for r in requests] if batch_size == 1 else
+                    self.generate_batch(requests, batch_size))
             counters = self.executor.finish()  # synchronises the device
         finally:
             self.executor.timing = False
         seconds = time.perf_counter() - t0
         totals = counters.totals()
-        stats = {"generated_tokens": len(gen.tokens), "seconds": seconds,
-                 "tokens_per_s": len(gen.tokens) / seconds if seconds > 0 else 0.0, "forwards": gen.forwards,
-                 "forwards_per_block": gen.forwards / max(1, len(gen.steps_per_block)),
-                 "steps_per_block": gen.steps_per_block, "slots_per_layer": self.store.slots,
-                 "expert_bytes": self.store.expert_bytes, "regime": cfg.regime, "device": str(self.store.device),
+        tokens = sum(len(g.tokens) for g in gens)
+        blocks = sum(len(g.steps_per_block) for g in gens)
+        stats = {"generated_tokens": tokens, "seconds": seconds,
+                 "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "batch_size": batch_size,
+                 "requests": len(requests),
+                 # the batch's forwards (a forward serves every request in it); per block of one request
+                 "forwards": counters.forwards(), "forwards_per_block": sum(g.forwards for g in gens) / max(1, blocks),
+                 "steps_per_block": [n for g in gens for n in g.steps_per_block], "slots_per_layer": self.store.slots,
+                 "expert_bytes": self.store.expert_bytes, "regime": requests[0].cfg.regime if requests else None,
+                 "device": str(self.store.device),
                  "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
                  "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
                  **totals, "non_expert_s": seconds - totals["moe_s"],
                  "routed_tokens_per_layer": counters.routed_tokens_per_layer()}
         trace_obj, self.executor.trace = self.executor.trace, None
-        return {"tokens": gen.tokens, "stats": stats, "trace": trace_obj}
+        return {"tokens": [g.tokens for g in gens], "stats": stats, "trace": trace_obj}
 
     def budget_sizes(self) -> BudgetSizes:
         return BudgetSizes(self.config.num_experts, len(self.config.moe_layers), self.store.expert_bytes,

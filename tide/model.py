@@ -72,6 +72,31 @@ class KVCache:
         return 0 if not self.keys or self.keys[0] is None else self.keys[0].shape[2]
 
 
+@dataclass
+class Segment:
+    """One request's tokens within a packed forward: attention runs per segment (its positions, mask and cache);
+    everything token-wise (norms, projections, router, experts, MLPs) runs once over the packed tokens."""
+
+    tokens: int
+    cos: Tensor
+    sin: Tensor
+    mask: Tensor | None  # [T, S] bool, True = may attend; None = all S keys
+    cache: KVCache | None
+    write_cache: bool
+
+
+@dataclass
+class Part:
+    """One request's input to `LLaDA2Model.forward_packed`: ids [T] at positions start_pos.. (as `forward`)."""
+
+    ids: Tensor
+    start_pos: int = 0
+    mask: Tensor | None = None
+    cache: KVCache | None = None
+    write_cache: bool = False
+    logits_last: int | None = None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -84,25 +109,29 @@ class Attention(nn.Module):
             self.query_layernorm = RMSNorm(self.d, cfg.rms_norm_eps)
             self.key_layernorm = RMSNorm(self.d, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
-                write_cache: bool) -> Tensor:
-        B, T, _ = x.shape
-        qkv = self.query_key_value(x).view(B, T, self.h + 2 * self.g, self.d)
-        q, k, v = qkv.split([self.h, self.g, self.g], dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
-        if self.use_qk_norm:
-            q, k = self.query_layernorm(q), self.key_layernorm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            past_k, past_v = cache.keys[self.layer_idx], cache.values[self.layer_idx]
-            if past_k is not None:
-                k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)  # [B, g, S, d]
-            if write_cache:
-                cache.keys[self.layer_idx], cache.values[self.layer_idx] = k, v
-        rep = self.h // self.g
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # GQA -> [B, h, S, d]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale d^-0.5, not causal
-        return self.dense(out.transpose(1, 2).reshape(B, T, self.h * self.d))
+    def forward(self, x: Tensor, segments: list[Segment]) -> Tensor:
+        B, N, _ = x.shape
+        qkv = self.query_key_value(x).view(B, N, self.h + 2 * self.g, self.d)
+        outs, start = [], 0
+        for seg in segments:  # one request's tokens: its own positions, mask and KV cache
+            T = seg.tokens
+            q, k, v = qkv[:, start:start + T].split([self.h, self.g, self.g], dim=2)
+            start += T
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
+            if self.use_qk_norm:
+                q, k = self.query_layernorm(q), self.key_layernorm(k)
+            q, k = apply_rope(q, seg.cos, seg.sin), apply_rope(k, seg.cos, seg.sin)
+            if seg.cache is not None:
+                past_k, past_v = seg.cache.keys[self.layer_idx], seg.cache.values[self.layer_idx]
+                if past_k is not None:
+                    k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)  # [B, g, S, d]
+                if seg.write_cache:
+                    seg.cache.keys[self.layer_idx], seg.cache.values[self.layer_idx] = k, v
+            rep = self.h // self.g
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # GQA -> [B, h, S, d]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask)  # scale d^-0.5, not causal
+            outs.append(out.transpose(1, 2).reshape(B, T, self.h * self.d))
+        return self.dense(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
 
 
 class MLP(nn.Module):
@@ -191,9 +220,8 @@ class DecoderLayer(nn.Module):
         is_moe = layer_idx >= cfg.first_k_dense_replace
         self.mlp = MoE(cfg, layer_idx) if is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
-                write_cache: bool, at: StepInfo) -> Tensor:
-        x = x + self.attention(self.input_layernorm(x), cos, sin, mask, cache, write_cache)
+    def forward(self, x: Tensor, segments: list[Segment], at: StepInfo) -> Tensor:
+        x = x + self.attention(self.input_layernorm(x), segments)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, at) if isinstance(self.mlp, MoE) else self.mlp(h))
 
@@ -242,8 +270,30 @@ class LLaDA2Model(nn.Module):
         positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
         cos, sin = rope_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)
         x = self.model.word_embeddings(input_ids)
+        segments = [Segment(T, cos, sin, mask, cache, write_cache)]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, write_cache, at)
+            x = layer(x, segments, at)
         if logits_last is not None:
             x = x[:, -logits_last:]
         return self.lm_head(self.model.norm(x)).float()
+
+    def forward_packed(self, parts: list[Part], at: StepInfo) -> list[Tensor]:
+        """Several requests in one forward (a batch): their tokens packed into one sequence, attention per
+        request, every MoE layer routing all of them at once. Returns each part's logits [T', V] in fp32, as
+        `forward` would for it alone (up to the rounding of GEMMs over more rows)."""
+        ids = torch.cat([p.ids for p in parts])[None]  # [1, N]
+        segments, keep, start = [], [], 0
+        for p in parts:
+            T = p.ids.shape[0]
+            positions = torch.arange(p.start_pos, p.start_pos + T, device=ids.device)
+            cos, sin = rope_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)
+            segments.append(Segment(T, cos, sin, p.mask, p.cache, p.write_cache))
+            last = T if p.logits_last is None else p.logits_last
+            keep.append(torch.arange(start + T - last, start + T, device=ids.device))
+            start += T
+        x = self.model.word_embeddings(ids)
+        for layer in self.model.layers:
+            x = layer(x, segments, at)
+        picked = torch.cat(keep)
+        logits = self.lm_head(self.model.norm(x[0, picked])).float()
+        return list(logits.split([len(k) for k in keep]))

@@ -22,6 +22,7 @@ class StepInfo:
     step: int  # denoising step within the block, 0-based; for kind="commit", the steps the block took
     layer: int = -1  # MoE layer index (the model fills it in)
     kind: str = "denoise"  # "denoise" | "prefill" (prompt blocks into the KV cache) | "commit" (finished block)
+    requests: int = 1  # requests in this forward (a batch's; block and step are then the batch's clock)
 
 
 @dataclass(frozen=True, slots=True)

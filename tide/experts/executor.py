@@ -159,7 +159,7 @@ class MoEExecutor:
         rec = LayerStep(at.block, at.step, layer, at.kind, len(counts), N * k, len(plan.fetch), len(plan.stream),
                         len(plan.evict), (len(plan.fetch) + len(plan.stream)) * store.expert_bytes,
                         sum(c for e, c in counts.items() if e not in plan.cpu),
-                        sum(counts[e] for e in plan.cpu))
+                        sum(counts[e] for e in plan.cpu), cpu_experts=len(plan.cpu))
         with self.spans.span(rec, "fetch_s", store.copy_stream):
             store.apply(layer, plan)
             rec.prefetched_experts = self._prefetch(layer, at)
