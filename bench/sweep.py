@@ -138,6 +138,8 @@ def run_sweep(spec: SweepSpec, on_row: Callable[[dict], None] | None = None,
                         engine.configure(policy, None if policy == "reference" else budget, popularity, trace=ptrace,
                                          **options)
                         row = measure(engine, prompts, dcfg, rep, label, shown, None if rows else on_warmup, batch)
+                        interval = getattr(engine.executor.policy, "interval", None)  # before contract reconfigures
+                        row["refresh_interval"] = json.dumps(sorted(set(interval.values()))) if interval else None
                         row.update(contract(engine, prompts, dcfg, row, reference, (regime, rep, batch), truth,
                                             policy, budget))
                     except (DeviceMemoryError, torch.OutOfMemoryError) as err:  # the sweep goes on
@@ -145,8 +147,6 @@ def run_sweep(spec: SweepSpec, on_row: Callable[[dict], None] | None = None,
                                "batch_size": batch, "kind": "error", "error": f"{type(err).__name__}: {err}".splitlines()[0]}
                         print(f"note: {label} at {shown} ({regime}) failed: {row['error']}")
                     else:
-                        interval = getattr(engine.executor.policy, "interval", None)
-                        row["refresh_interval"] = json.dumps(sorted(set(interval.values()))) if interval else None
                         traces[(label, row["budget"], regime, batch)] = row.pop("_trace")
                     rows.append({**row, **shape, **hw})
                     write_csv(rows, spec.out / "bench.csv")

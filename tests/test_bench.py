@@ -118,6 +118,7 @@ def test_cli_bench_end_to_end(tiny_dir, tmp_path):
     assert summary["failures"] == [] and summary["rows"] == 6
     csv = pd.read_csv(out / "bench.csv")
     assert sorted(csv.batch_size) == [1, 1, 1, 2, 2, 2] and csv.identical_to_reference.all()
+    assert csv[csv.variant == "tide"].refresh_interval.notna().all()  # the R it ran with (contract reconfigures)
     for column in ("tokens_per_s_per_request", "mb_h2d_per_token", "host_tokens_per_expert", "requests"):
         assert column in csv, column
     assert (pd.read_csv(out / "bench.csv").top1_positions >= 256).all()  # level c decided on enough positions
