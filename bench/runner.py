@@ -116,8 +116,8 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
 
     def on_warmup(decode_s: float) -> None:  # before the first timed decode: a rough figure, said so
         per_run = decode_s * (1 + n_requests)
-        bar.write(f"bench: expected about {total} runs x {per_run:.0f} s = {total * per_run / 60:.1f} min (from the "
-                  f"first warm-up decode, {decode_s:.1f} s; policies differ, and checks add time)")
+        bar.write(f"bench: decoding alone, about {total} runs x {per_run:.0f} s = {total * per_run / 60:.1f} min (from "
+                  f"the first warm-up decode, {decode_s:.1f} s); profiling and the lossless checks add to it")
 
     def on_row(r: dict) -> None:
         if bar.n == 0:

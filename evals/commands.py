@@ -41,6 +41,10 @@ def shared_options(f):
                      help="Sampling temperature; > 0 turns sampling on, 0 is greedy (default: the task's)."),
         click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
                      help="Seed of sampling and Monte Carlo draws."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Generation requests per forward (continuous batching; each request gets the tokens it "
+                          "gets alone, up to GEMM rounding); 1 is the paper's setting. Likelihoods run one at a "
+                          "time."),
         click.option("--profile", type=click.Path(dir_okay=False), default=None,
                      help="Hardware profile for TIDE's planner (default: a quick calibration)."),
         click.option("--out", type=click.Path(file_okay=False), default=None,

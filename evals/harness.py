@@ -50,6 +50,7 @@ class EvalSpec:
     data: str | None = None  # local MBPP sanitized file
     mc_samples: int | None = None
     seed: int = 0
+    batch_size: int = 1  # generation requests per forward (TideLM's batch_size)
     device: str = "cpu"
     dtype: str | None = None
     cpu_threads: int = 1
@@ -239,7 +240,7 @@ def lm_eval_pass(spec: EvalSpec, engine, run: Run, manager, model: Path, output_
 
     extra = {"mc_samples": spec.mc_samples} if spec.mc_samples else {}
     lm = TideLM(str(model), policy=run.policy, engine=engine, decode_from="model", seed=spec.seed,
-                **{**spec.decode, "regime": run.regime}, **extra)
+                batch_size=spec.batch_size, **{**spec.decode, "regime": run.regime}, **extra)
     tracker = EvaluationTracker(output_path=output_path) if output_path else None
     results = simple_evaluate(model=lm, model_args=f"pretrained={model.name},policy={run.policy},"
                               f"gpu_budget={run.budget},regime={run.regime}", tasks=list(spec.tasks),
@@ -293,7 +294,7 @@ def rows(run: Run, lm, against_outputs: dict[tuple, Any], against: str, is_compa
                 "task": task, "metric": label, "value": value,
                 "stderr": stderr if isinstance(stderr, int | float) else None, "policy": run.policy,
                 "budget": run.budget, "slots_per_layer": lm.engine.store.slots, "regime": run.regime,
-                "samples": len(keys), "generated_tokens": tokens, "seconds": seconds,
+                "batch_size": lm.batch, "samples": len(keys), "generated_tokens": tokens, "seconds": seconds,
                 "tokens_per_s": tokens / seconds if seconds else None,
                 "tokens_per_s_per_sample": sum(per_sample) / len(per_sample) if per_sample else None,
                 "forwards": sum(x["stats"].get("forwards", 0) for x in recs),

@@ -2,7 +2,8 @@
 
 Built by lm-eval's CLI (`tide-lm-eval --model tide --model_args pretrained=DIR,policy=tide,gpu_budget=128/layer`)
 or handed a loaded engine (`tide eval`). lm-eval's own `batch_size`, `max_batch_size` and `device` are accepted
-(requests run one at a time; `device` places the model: a CUDA device on a machine without CUDA falls back
+(`batch_size`: generate_until's requests per forward, continuously batched; `auto` is 1; likelihoods run one
+at a time; `device` places the model: a CUDA device on a machine without CUDA falls back
 to the CPU with a warning, as lm-eval's HF model does). Unknown model_args are an error naming the known ones.
 
 generate_until: the block-diffusion decoder, cut at the first stop string. Decode settings per request: the
@@ -34,6 +35,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from tide.config import DecodeConfig
+from tide.decode import Request
 from tide.engine import Engine
 from tide.model import block_causal_mask
 from tide.policy import StepInfo
@@ -83,7 +85,7 @@ class TideLM(TemplateLM):
                                  + (" >= 1" if name == "mc_samples" else ""))
         self.do_sample, self.decode_from, self.seed = do_sample, decode_from, seed
         self.mc_samples, self.progress = mc_samples, progress
-        self.batch_size = batch_size  # accepted for lm-eval; requests run one at a time
+        self.batch_size, self.batch = batch_size, _batch_size(batch_size)  # generate_until's requests per forward
         self._rank, self._world_size = 0, 1
         self.records: list[dict[str, Any]] = []  # per request: task, doc, index, kind, output, stats
 
@@ -163,24 +165,37 @@ class TideLM(TemplateLM):
                             regime=settings.get("regime", "block-kv"), seed=seed)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        tokens_total, seconds_total = 0, 0.0
-        bar = tqdm(requests, desc=f"tide {self.policy}: generate", unit="req",
-                   disable=disable_tqdm or not self.progress)
-        for req in bar:
+        """Each request decoded with its own settings and seed; `batch` of them per forward, continuously batched
+        within chunks of 4 x batch requests (the progress bar moves per chunk). A request's stats are its share, by
+        generated tokens, of its chunk's totals (so sums over requests are the runs' totals)."""
+        items = []
+        for req in requests:
             context, gen_kwargs = req.args
             until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
             prompt = self.tok_encode(context)
-            result = self.engine.run(prompt, self.decode_config(gen_kwargs, prompt))
-            text = self.engine.decode(result["tokens"])
-            cuts = [text.index(stop) for stop in until if stop and stop in text]
-            text = text[: min(cuts)] if cuts else text
+            items.append((req, [until] if isinstance(until, str) else list(until),
+                          Request(prompt, self.decode_config(gen_kwargs, prompt))))
+        out = []
+        tokens_total, seconds_total = 0, 0.0
+        bar = tqdm(total=len(items), desc=f"tide {self.policy}: generate", unit="req",
+                   disable=disable_tqdm or not self.progress)
+        chunk = 1 if self.batch == 1 else 4 * self.batch
+        for start in range(0, len(items), chunk):
+            part = items[start:start + chunk]
+            result = self.engine.run_batch([r for _, _, r in part], self.batch)
             stats = result["stats"]
+            for (req, until, _), tokens in zip(part, result["tokens"], strict=True):
+                text = self.engine.decode(tokens)
+                cuts = [text.index(stop) for stop in until if stop and stop in text]
+                share = len(tokens) / stats["generated_tokens"] if stats["generated_tokens"] else 1 / len(part)
+                mine = {**{k: stats[k] * share for k in ("seconds", "forwards", "bytes_h2d", "pairs_gpu", "pairs_cpu")},
+                        "generated_tokens": len(tokens)}
+                self.records.append(record(req, "generate", tokens, mine if len(part) > 1 else stats))
+                out.append(text[: min(cuts)] if cuts else text)
             tokens_total, seconds_total = tokens_total + stats["generated_tokens"], seconds_total + stats["seconds"]
+            bar.update(len(part))
             bar.set_postfix_str(f"{tokens_total / max(seconds_total, 1e-9):.2f} tok/s")
-            self.records.append(record(req, "generate", result["tokens"], stats))
-            out.append(text)
+        bar.close()
         return out
 
     # ---- likelihoods ---------------------------------------------------------------------------------
@@ -256,6 +271,19 @@ class TideLM(TemplateLM):
 def _traffic(engine: Engine) -> dict[str, Any]:
     totals = engine.executor.finish().totals()
     return {k: totals[k] for k in ("bytes_h2d", "pairs_gpu", "pairs_cpu")}
+
+
+def _batch_size(value: Any) -> int:
+    """lm-eval's batch_size (an int, its string, or 'auto'/'auto:N', read as 1) as requests per forward."""
+    if value is None or (isinstance(value, str) and value.startswith("auto")):
+        return 1
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = 0
+    if size < 1 or isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"tide: batch_size={value!r}: expected an integer >= 1 (or auto)")
+    return size
 
 
 def record(req: Any, kind: str, output: Any, stats: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,11 @@
      position of every prompt, pooled (max |diff|; top-1 flips judged by a binomial test, see Tolerance),
      free-running token agreement and first divergence, log-likelihood relative difference.
 On a CPU-only machine both tiers are the CPU, so all three collapse to identity.
+Batches (`tide bench --batch-sizes`): per request, a batched run is held to the same levels against the ground
+truth decoded on the same batch schedule (same batch size, same requests: the schedule depends on step counts
+only), and level b's replay decodes the same batch. Against batch 1 the contract is level c's tolerance, since a
+GEMM over more rows may round differently; on the CPU in float32 every request got exactly its lone tokens
+(tests/test_decode.py), so there the batch changes nothing.
 
 Owns the comparisons and the teacher-forced probe; runs nothing else. Where the all-resident reference does not
 fit the device, full-offload (level a: exact) stands in for it as the ground truth.

@@ -64,6 +64,7 @@ def table1(eval_rows: list[dict], against: str, paper: str | None) -> pd.DataFra
                                 if t.tokens_per_s == t.tokens_per_s) or None
         paper_tps = PAPER_TOKENS_PER_S.get(paper or "", {}).get(r.budget) if r.policy == "tide" else None
         out.append({"task": r.task, "policy": r.policy, "budget": r.budget, "regime": r.regime,
+                    "batch size": r.get("batch_size", 1),
                     r.metric: f"{r.value:.3f} ± {r.stderr:.3f}" if r.stderr == r.stderr and r.stderr is not None
                     else f"{r.value:.3f}", "tok/s": r.tokens_per_s, "tok/s per sample": r.tokens_per_s_per_sample,
                     "tide speed-up over it": speedup,

@@ -66,3 +66,25 @@ def test_calibrate_plan_and_traced_tide_run(tmp_path, tiny_dir):
     assert res.exit_code == 0 and "<- chosen" in res.output
     res = run("generate", "--model", tiny_dir, "--prompt", "abc", "--policy", "tide", "--refresh-interval", "0")
     assert res.exit_code == 2 and "--refresh-interval" in res.output
+
+
+def test_generate_a_file_of_prompts_batched(tmp_path, tiny_dir):
+    """--prompts FILE.jsonl decodes every prompt; --batch-size 3 gives each the tokens it gets alone."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(p) for p in ("copy 12=", "rev 4821=", "07+35=", "a longer prompt here",
+                                                          "x")) + "\n")
+    runs = {}
+    for batch in ("1", "3"):
+        res = CliRunner().invoke(main, ["--threads", "1", "generate", "--model", str(tiny_dir), "--prompts",
+                                        str(prompts), "--batch-size", batch, "--gen-length", "16",
+                                        "--block-length", "8", "--dtype", "float32", "--json"])
+        assert res.exit_code == 0, res.output
+        runs[batch] = json.loads(res.output.strip().splitlines()[-1])
+    assert len(runs["3"]["outputs"]) == 5 and runs["3"]["stats"]["batch_size"] == 3
+    assert [o["tokens"] for o in runs["3"]["outputs"]] == [o["tokens"] for o in runs["1"]["outputs"]]
+    assert runs["3"]["stats"]["forwards"] < runs["1"]["stats"]["forwards"]
+    for args, phrase in ((["--prompt", "x", "--batch-size", "2"], "--batch-size batches"),
+                         (["--prompt", "x", "--prompts", str(prompts)], "exactly one of"),
+                         (["--prompts", str(tmp_path / "missing.jsonl")], "--prompts")):
+        res = CliRunner().invoke(main, ["generate", "--model", str(tiny_dir), *args])
+        assert res.exit_code == 2 and phrase in res.output and "Traceback" not in res.output, res.output

@@ -98,3 +98,17 @@ def test_every_inference_entry_point_runs_without_autograd_whatever_the_caller(t
         probe = teacher_forced_logits(engine, ids, tokens, 8)
     assert tokens and not logits.requires_grad and not probe.requires_grad
     assert engine.executor.counters.records[-1].pairs_cpu or policy not in ("cpu-fallback",)
+
+
+def test_a_batch_that_does_not_fit_is_refused_with_the_largest_that_fits(tiny_dir, monkeypatch):
+    from tide.decode import Request
+    from tide.experts.store import DeviceMemoryError
+
+    engine = load(tiny_dir, policy="reference", dtype="float32")
+    requests = [Request(list(range(1, 1 + n)), DecodeConfig(gen_length=16, block_length=8)) for n in (3, 9, 20, 30)]
+    needs = sorted((engine.request_bytes(r) for r in requests), reverse=True)
+    assert needs[0] > needs[-1] > 0  # longer requests hold more (KV cache, scores)
+    monkeypatch.setattr("tide.engine.free_bytes", lambda device: needs[0] + needs[1] + needs[2] // 2)
+    with pytest.raises(DeviceMemoryError, match="largest batch size that fits is 2"):
+        engine.run_batch(requests, 4)
+    assert engine.run_batch(requests, 2)["stats"]["requests"] == 4  # two at a time fits

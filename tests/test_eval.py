@@ -237,3 +237,24 @@ def test_device_in_model_args_wins_over_lm_evals_own(tiny_dir):
     lm = TideLM.create_from_arg_obj({"pretrained": str(tiny_dir), "policy": "lru", "gpu_budget": "4/layer",
                                      "device": "cpu"}, {"device": "cuda:0", "batch_size": 1})
     assert next(lm.engine.model.parameters()).device.type == "cpu"
+
+
+def test_lm_eval_batch_size_gives_the_same_outputs_as_one_at_a_time():
+    """lm-eval's batch_size=4 decodes generate_until's requests 4 per forward: per sample the same outputs as
+    batch_size=1, on the built-in model and its task (tide_arith through lm-eval's own evaluator)."""
+    from lm_eval import simple_evaluate
+
+    outputs, stats = {}, {}
+    for batch in (1, 4):
+        lm = TideLM.create_from_arg_string("dtype=float32,gen_length=16,block_length=8,steps=8",
+                                           {"batch_size": str(batch), "device": "cpu"})
+        simple_evaluate(model=lm, tasks=["tide_arith"], limit=9, task_manager=task_manager(),
+                        bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+        outputs[batch] = {(r["task"], r["doc_id"], r["idx"]): r["output"] for r in lm.records}
+        stats[batch] = [r["stats"] for r in lm.records]
+    assert len(outputs[1]) == 9 and outputs[4] == outputs[1]
+    total = {b: sum(s["generated_tokens"] for s in stats[b]) for b in (1, 4)}
+    assert total[1] == total[4] and sum(s["forwards"] for s in stats[4]) < sum(s["forwards"] for s in stats[1])
+    for bad in ("0", "two", 2.5):
+        with pytest.raises(ValueError, match="batch_size"):
+            TideLM.create_from_arg_string("dtype=float32", {"batch_size": bad})

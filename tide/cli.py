@@ -96,22 +96,38 @@ def make_checkpoint(preset_name: str, layers: int | None, dtype: str | None, out
 @click.option("--model", "model_dir", required=True, help=MODEL_HELP)
 @click.option("--prompt", default=None, help="Prompt text (uses the checkpoint's tokenizer).")
 @click.option("--prompt-ids", default=None, help="Prompt as comma-separated token ids (instead of --prompt).")
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
+              help="JSONL file, one JSON string (a prompt) per line: decode every one, with the same settings "
+                   "(instead of --prompt).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --prompts: requests per forward (continuous batching: a finished request leaves, the next "
+                   "joins); each request gets the tokens it gets alone. 1 decodes them one at a time.")
 @decode_options
 @runtime_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text and stats.")
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False), default=None,
               help="Record every layer-forward's routing to this .jsonl or .parquet file.")
-def generate(model_dir: str, prompt: str | None, prompt_ids: str | None, as_json: bool, trace_path: str | None,
-             **kw) -> None:
-    """Generate from one prompt and report throughput and expert traffic.
+def generate(model_dir: str, prompt: str | None, prompt_ids: str | None, prompts_path: str | None, batch_size: int,
+             as_json: bool, trace_path: str | None, **kw) -> None:
+    """Generate from one prompt (or a file of them) and report throughput and expert traffic.
 
     \b
     Policies (--policy): reference (all experts on the GPU), full-offload (copy every routed expert every
     forward), lru (LRU expert cache), cpu-fallback (static popular set, misses on the CPU), accelerate
     (Hugging Face accelerate's offload hooks), tide (interval refresh, misses on the CPU).
     """
-    if (prompt is None) == (prompt_ids is None):
-        raise click.UsageError("give exactly one of --prompt or --prompt-ids")
+    if sum(x is not None for x in (prompt, prompt_ids, prompts_path)) != 1:
+        raise click.UsageError("give exactly one of --prompt, --prompt-ids or --prompts")
+    if batch_size > 1 and prompts_path is None:
+        raise click.UsageError("--batch-size batches the requests of --prompts: give --prompts FILE.jsonl")
+    texts = None
+    if prompts_path is not None:
+        from tide.bench.runner import read_prompts
+
+        try:
+            texts = read_prompts(prompts_path)
+        except (OSError, ValueError) as err:
+            raise click.UsageError(f"--prompts: {err}") from None
     if trace_path:
         from tide.trace import check_trace_path
 
@@ -120,6 +136,8 @@ def generate(model_dir: str, prompt: str | None, prompt_ids: str | None, as_json
             check_trace_path(trace_path)
         except ValueError as err:
             raise click.UsageError(f"--trace: {err}") from None
+    from tide.decode import Request
+
     model_dir = _model(model_dir)
     chat = kw.pop("chat")
     decode = {k: kw.pop(k) for k in DECODE_FLAGS}
@@ -127,19 +145,29 @@ def generate(model_dir: str, prompt: str | None, prompt_ids: str | None, as_json
     engine = _load(model_dir, kw)
     cfg = _decode_config({**engine.decode_defaults, **{k: v for k, v in decode.items() if v is not None}})
     try:
-        ids = engine.encode(prompt, chat) if prompt is not None else _parse_ids(prompt_ids)
-        result = engine.run(ids, cfg, trace=bool(trace_path))
+        many = [engine.encode(t, chat) for t in texts] if texts is not None else [
+            engine.encode(prompt, chat) if prompt is not None else _parse_ids(prompt_ids)]
+        result = engine.run_batch([Request(ids, cfg) for ids in many], batch_size, trace=bool(trace_path))
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     stats = {**result["stats"], "policy": kw["policy"], "gpu_budget": kw["gpu_budget"]}
     if trace_path:
         meta = (".meta.json",) if trace_path.endswith(".parquet") else ()  # parquet: its metadata file beside it
         stats["trace"] = str(write_new(trace_path, result["trace"].save, meta))
-    text = engine.decode(result["tokens"])
-    if as_json:
-        click.echo(json.dumps({"tokens": result["tokens"], "text": text, "stats": stats, "notes": engine.notes}))
-        return
-    click.echo(text)
+    if texts is not None:  # one output per request, in the file's order
+        outputs = [{"tokens": t, "text": engine.decode(t)} for t in result["tokens"]]
+        if as_json:
+            click.echo(json.dumps({"outputs": outputs, "stats": stats, "notes": engine.notes}))
+            return
+        for i, out in enumerate(outputs):
+            click.echo(f"-- request {i}\n{out['text']}")
+    else:
+        tokens = result["tokens"][0]
+        if as_json:
+            click.echo(json.dumps({"tokens": tokens, "text": engine.decode(tokens), "stats": stats,
+                                   "notes": engine.notes}))
+            return
+        click.echo(engine.decode(tokens))
     click.echo(f"-- {stats['generated_tokens']} tokens in {stats['seconds']:.2f} s "
                f"({stats['tokens_per_s']:.2f} tok/s), "
                f"{stats['forwards']} forwards, {stats['bytes_h2d'] / 1e6:.1f} MB host->GPU, "

@@ -90,6 +90,8 @@ class Engine:
         decoder, the paper's setting): each request's tokens, stats over all of them, the optional trace."""
         if self.executor is None:
             raise ValueError("the engine has no policy configured (the last configure failed)")
+        if batch_size > 1:
+            self.check_batch_fit(requests, batch_size)
         self.executor.counters.clear()
         self.executor.trace = RoutingTrace(self.config.num_experts, self.config.moe_layers) if trace else None
         device = self.store.device
@@ -179,6 +181,31 @@ class Engine:
             self.executor.close()
             self.executor = None
         self.store.close()
+
+    def request_bytes(self, r: Request) -> int:
+        """Device memory one request holds while it is in a batch (an estimate from the shapes): its KV cache
+        (block-kv) and its share of a forward's activations, attention scores and fp32 logits."""
+        cfg, size = self.config, self.store.dtype.itemsize
+        L = r.cfg.block_length
+        positions = -(-(len(r.prompt) + r.cfg.gen_length) // L) * L
+        kv = r.cfg.regime == "block-kv"
+        tokens = L if kv else positions
+        cache = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * positions * size if kv else 0
+        acts = tokens * (8 * cfg.hidden_size + 3 * cfg.num_experts_per_tok * cfg.hidden_size) * size
+        scores = cfg.num_attention_heads * tokens * positions * 4
+        return cache + acts + scores + L * cfg.vocab_size * 4
+
+    def check_batch_fit(self, requests: list[Request], batch_size: int) -> None:
+        """Refuse a batch whose largest requests, together, would not fit beside what is on the device, naming
+        the largest batch size that fits."""
+        needs = sorted((self.request_bytes(r) for r in requests), reverse=True)[:batch_size]
+        room = free_bytes(self.store.device)
+        if sum(needs) > room:
+            fits = max((b for b in range(len(needs) + 1) if sum(needs[:b]) <= room), default=0)
+            raise DeviceMemoryError(
+                f"batch size {batch_size} needs about {sum(needs) / 1e9:.2f} GB on {self.store.device} for its "
+                f"requests' KV caches and activations, where {room / 1e9:.2f} GB is free: the largest batch size "
+                f"that fits is {fits}")
 
     def check_fit(self, slots: int, gpu_budget: str | None) -> None:
         """Refuse a device tier that cannot fit beside what is already on the device, in one sentence."""
