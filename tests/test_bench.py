@@ -211,9 +211,8 @@ def _bench_frame(budgets: list[str], regimes=("block-kv", "full")) -> "pd.DataFr
     return pd.DataFrame(rows)
 
 
-@pytest.mark.parametrize("budgets", [["25%"], ["25%", "50%"]])
-def test_bench_png_shows_every_policy_from_zero_on_one_scale(tmp_path, budgets):
-    """Bars per policy at each budget, y from 0, the same y scale in every panel, the reference as a line."""
+def _plotted_axes(bench, path, proj=None) -> list:
+    """report.plot's figure axes, captured as it saves them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,9 +229,15 @@ def test_bench_png_shows_every_policy_from_zero_on_one_scale(tmp_path, budgets):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(plt.Figure, "savefig", capture)
-        report.plot(_bench_frame(budgets), tmp_path / "bench.png")
+        report.plot(bench, path, proj)
+    return shown["axes"]
+
+
+@pytest.mark.parametrize("budgets", [["25%"], ["25%", "50%"]])
+def test_bench_png_shows_every_policy_from_zero_on_one_scale(tmp_path, budgets):
+    """Bars per policy at each budget, y from 0, the same y scale in every panel, the reference as a line."""
+    axes = _plotted_axes(_bench_frame(budgets), tmp_path / "bench.png")
     assert (tmp_path / "bench.png").stat().st_size > 0
-    axes = shown["axes"]
     assert len(axes) == 2 and len({ax.get_ylim() for ax in axes}) == 1
     for ax in axes:
         assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] > 4.0
@@ -243,28 +248,11 @@ def test_bench_png_shows_every_policy_from_zero_on_one_scale(tmp_path, budgets):
 
 def test_bench_png_puts_modelled_projections_beside_the_measured_time(tmp_path):
     """A second row: per run, measured MoE time per token beside each reference machine's modelled time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tide.bench import report
-
     bench = _bench_frame(["25%"]).assign(generated_tokens=64)
     proj = pd.DataFrame([{"machine": m, "variant": v, "budget": "25%", "regime": r, "generated_tokens": 64,
                           "expert_s": 0.01 * (1 + i)} for i, m in enumerate(("h100-pcie5", "a100-pcie4"))
                          for v in ("lru", "tide") for r in ("block-kv", "full")])
-    shown = {}
-    real_savefig = plt.Figure.savefig
-
-    def capture(fig, *args, **kwargs):
-        shown["axes"] = fig.axes
-        return real_savefig(fig, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(plt.Figure, "savefig", capture)
-        report.plot(bench, tmp_path / "bench.png", proj)
-    axes = shown["axes"]
+    axes = _plotted_axes(bench, tmp_path / "bench.png", proj)
     assert len(axes) == 4
     second = axes[2:]
     assert len({ax.get_ylim() for ax in second}) == 1 and second[0].get_ylim()[0] == 0
