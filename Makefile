@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-test: venv
+test: venv lint  # lint first: a style slip fails in seconds here, not after CI's full run
 	$(BIN)/pytest -q
 
 bench: venv

@@ -61,8 +61,9 @@ def losses(summary: pd.DataFrame) -> list[str]:
         t = tide.tokens_per_s.iloc[0]
         for _, b in grp[grp.variant.isin(BASELINES)].iterrows():
             if b.tokens_per_s > t:
-                lines.append(f"- {b.variant} beats tide at budget {budget} ({regime}, batch {batch}): {b.tokens_per_s:.2f} vs "
-                             f"{t:.2f} tok/s (tide moved {tide.mb_h2d.iloc[0]:.1f} MB, {b.variant} {b.mb_h2d:.1f} MB; "
+                lines.append(f"- {b.variant} beats tide at budget {budget} ({regime}, batch {batch}): "
+                             f"{b.tokens_per_s:.2f} vs {t:.2f} tok/s "
+                             f"(tide moved {tide.mb_h2d.iloc[0]:.1f} MB, {b.variant} {b.mb_h2d:.1f} MB; "
                              f"CPU pairs {tide.pairs_cpu.iloc[0]:.0f} vs {b.pairs_cpu:.0f})")
     return lines
 
@@ -176,7 +177,7 @@ def plot(bench: pd.DataFrame, path: Path, proj: pd.DataFrame | None = None) -> N
     import numpy as np
 
     s = summarise(bench)
-    panels = list(dict.fromkeys(zip(s.regime, s.batch_size)))  # (regime, batch size)
+    panels = list(dict.fromkeys(zip(s.regime, s.batch_size, strict=True)))  # (regime, batch size)
     if not panels:
         return
     batches = len({b for _, b in panels}) > 1

@@ -153,9 +153,13 @@ def run_bench(model_dir, policies, budgets, regimes, prompts_path, gen_length, b
     print(report.compact(bench_df))
     for line in report.losses(report.summarise(bench_df)) or ["- no baseline beats tide in this run"]:
         print(line)
+
+    def key(r: dict) -> str:
+        batch = f"|batch {r['batch_size']}" if len(batch_list) > 1 else ""
+        return f"{r['variant']}|{r['budget']}|{r['regime']}{batch}"
+
     summary = {"out": str(run_dir), "rows": len(rows), "kind": "measured",
-               "tokens_per_s": {f"{r['variant']}|{r['budget']}|{r['regime']}"
-                                + (f"|batch {r['batch_size']}" if len(batch_list) > 1 else ""): round(r["tokens_per_s"], 3)
+               "tokens_per_s": {key(r): round(r["tokens_per_s"], 3)
                                 for r in rows if r["repeat"] == 0 and r.get("kind") != "error"}}
     if check:
         summary["failures"] = run_checks(bench_df, context, cost)

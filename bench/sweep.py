@@ -22,8 +22,8 @@ from tide.bench.bounds import oracle_bound_s
 from tide.bench.hardware import stamp
 from tide.calibrate import estimate
 from tide.config import DecodeConfig
-from tide.decode import Request
 from tide.cost import CostModel
+from tide.decode import Request
 from tide.engine import Engine, load
 from tide.evals.lossless import all_resident_fits, compare_logits, level, teacher_forced_logits, token_agreement
 from tide.experts.host_kernels import kernel_name
@@ -143,8 +143,9 @@ def run_sweep(spec: SweepSpec, on_row: Callable[[dict], None] | None = None,
                         row.update(contract(engine, prompts, dcfg, row, reference, (regime, rep, batch), truth,
                                             policy, budget))
                     except (DeviceMemoryError, torch.OutOfMemoryError) as err:  # the sweep goes on
+                        error = f"{type(err).__name__}: {err}".splitlines()[0]
                         row = {"policy": policy, "variant": label, "budget": shown, "regime": regime, "repeat": rep,
-                               "batch_size": batch, "kind": "error", "error": f"{type(err).__name__}: {err}".splitlines()[0]}
+                               "batch_size": batch, "kind": "error", "error": error}
                         print(f"note: {label} at {shown} ({regime}) failed: {row['error']}")
                     else:
                         traces[(label, row["budget"], regime, batch)] = row.pop("_trace")
