@@ -37,13 +37,14 @@ def check(bench: pd.DataFrame, context: dict, cost: CostModel) -> list[str]:
             if why:
                 failures.append(f"{where} against {row.truth}: {why}")
     engine = context["engine"]
-    for (budget, regime), (_, trace) in context["profiles"].items():
+    for (budget, regime, batch), (_, trace) in context["profiles"].items():
         steps = max((r.step + 1 for r in trace.records if r.kind == "denoise"), default=1)
         sol = solve_interval(trace, cost.for_expert_bytes(engine.store.expert_bytes), engine.store.slots, steps)
         chosen = next(c for c in sol.candidates if c.interval == sol.interval)
         for end in (sol.candidates[0], sol.candidates[-1]):
             if chosen.objective_s > end.objective_s:
-                failures.append(f"planner chose R={sol.interval} at {budget} ({regime}), worse than R={end.interval}")
+                failures.append(f"planner chose R={sol.interval} at {budget} ({regime}, batch {batch}), worse than "
+                                f"R={end.interval}")
     return failures
 
 

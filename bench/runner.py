@@ -209,8 +209,9 @@ def card_lines(spec: SweepSpec, cfg: ModelConfig, cost) -> list[str]:
 def oracle_line(context: dict, cost) -> str:
     parts = []
     engine = context["engine"]
-    for (budget, regime), (_, trace) in context["profiles"].items():
+    for (budget, regime, batch), (_, trace) in context["profiles"].items():
         forwards = len({(r.block, r.step, r.kind) for r in trace.records}) or 1
         slots = slots_per_layer(budget, engine.budget_sizes())
-        parts.append(f"{budget}/{regime}: {oracle_bound_s(trace, slots, cost) / forwards * 1e3:.3f} ms")
+        shown = f"{budget}/{regime}" + (f"/batch {batch}" if batch > 1 else "")
+        parts.append(f"{shown}: {oracle_bound_s(trace, slots, cost) / forwards * 1e3:.3f} ms")
     return "oracle expert-path bound per forward on this machine's cost model (profiling trace): " + "; ".join(parts)

@@ -4,7 +4,9 @@ Owns the stability metrics, pure functions of a RoutingTrace's denoising records
 per-expert token counts and top-C overlap between steps s and s+k, the token-weighted hit ratio of a top-C
 set kept R steps, unique experts per step, and TIDE's drift d (tide.planner.drift_stats, so the cost model
 and this study agree). The `stability` command decodes bench/prompts.jsonl in both regimes under the reference
-policy and writes stability.csv, stability.md, cosine.png, hit_ratio.png and env.json to a fresh directory.
+policy, one request at a time and at each `--batch-sizes` (a batch's trace runs on the batch's clock: its forwards,
+whatever requests are in them, which is what TIDE refreshes on), and writes stability.csv, stability.md,
+cosine.png, hit_ratio.png and env.json to a fresh directory. A "run" is a regime at one batch size.
 It times nothing: every number is a count of routed (token, expert) pairs.
 """
 
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 
 Counts = dict[int, int]  # expert -> tokens routed to it in one forward
 ALL = "all"  # the layer label of rows pooled over every MoE layer
-COLUMNS = ["regime", "layer", "metric", "k_or_R", "C", "value", "n"]  # n: samples behind the value
+COLUMNS = ["run", "regime", "batch_size", "layer", "metric", "k_or_R", "C", "value", "n"]  # n: samples behind it
 PAPER_ADJACENT_COSINE, PAPER_COSINE_AT_5, LLADA_TOKENS_PER_STEP = 0.985, 0.95, 3.0  # 2nd-hand (shared/design/tide.md)
 SHAPE = ("num_hidden_layers", "hidden_size", "num_experts", "num_experts_per_tok")  # recorded in env.json
 
@@ -86,16 +88,22 @@ def hits_by_window(trace: RoutingTrace, max_window: int, c: int) -> dict[int, di
                     for w in range(1, max_window + 1)} for layer, blocks in block_steps(trace).items()}
 
 
-def study(trace: RoutingTrace, regime: str, sizes: list[int], max_lag: int = 8, max_window: int = 16) -> list[dict]:
+def run_label(regime: str, batch_size: int) -> str:
+    return regime if batch_size == 1 else f"{regime}, batch {batch_size}"
+
+
+def study(trace: RoutingTrace, regime: str, sizes: list[int], max_lag: int = 8, max_window: int = 16,
+          batch_size: int = 1) -> list[dict]:
     """Long-format rows (COLUMNS) of every metric, per layer and pooled over layers (ALL), top-C for C in sizes.
 
     Means are over s, blocks and prompts (and layers for ALL). d and f(a) are tide.planner.drift_stats' (per
     layer on its sub-trace, ALL on the whole trace), so this study and the cost model agree."""
     rows: list[dict] = []
+    run = dict(run=run_label(regime, batch_size), regime=regime, batch_size=batch_size)
 
     def add(metric: str, per_layer: dict, k: int | str = "", c: int | str = "", agg=_mean) -> None:
         for layer, vs in [*per_layer.items(), (ALL, [v for x in per_layer.values() for v in x])]:
-            rows.append(dict(regime=regime, layer=layer, metric=metric, k_or_R=k, C=c, value=agg(vs), n=len(vs)))
+            rows.append(dict(**run, layer=layer, metric=metric, k_or_R=k, C=c, value=agg(vs), n=len(vs)))
 
     def by_key(per_layer: dict[int, dict[int, list]], metric: str, c: int | str = "", agg=_mean) -> None:
         for k in range(1, max(max(d, default=0) for d in per_layer.values()) + 1):
@@ -112,8 +120,8 @@ def study(trace: RoutingTrace, regime: str, sizes: list[int], max_lag: int = 8, 
         for layer, part in [*((x, sub_trace(trace, [x])) for x in trace.layers), (ALL, trace)]:
             d, f = drift_stats(part, c, max_window)  # n: the pairs (s, s+1) behind d, (s, s+a) behind f(a)
             n = [sum(len(hits[x][a + 1]) for x in hits if layer in (x, ALL)) for a in range(max(2, max_window))]
-            rows += [dict(regime=regime, layer=layer, metric="drift_d", k_or_R="", C=c, value=d, n=n[1]),
-                     *[dict(regime=regime, layer=layer, metric="miss_by_age", k_or_R=a, C=c, value=m, n=n[a])
+            rows += [dict(**run, layer=layer, metric="drift_d", k_or_R="", C=c, value=d, n=n[1]),
+                     *[dict(**run, layer=layer, metric="miss_by_age", k_or_R=a, C=c, value=m, n=n[a])
                        for a, m in enumerate(f)]]
     return rows
 
@@ -138,8 +146,8 @@ def prefix_offset_constant(kv: RoutingTrace, full: RoutingTrace) -> tuple[int, i
 
 
 # ---- report ------------------------------------------------------------------------------------------------
-def pick(df: pd.DataFrame, regime: str, metric: str, k: int | str = "", c: int | str = "", layer=ALL) -> tuple:
-    row = df[(df.regime == regime) & (df.metric == metric) & (df.layer.astype(str) == str(layer))
+def pick(df: pd.DataFrame, run: str, metric: str, k: int | str = "", c: int | str = "", layer=ALL) -> tuple:
+    row = df[(df.run == run) & (df.metric == metric) & (df.layer.astype(str) == str(layer))
              & (df.k_or_R.astype(str) == str(k)) & (df.C.astype(str) == str(c))]
     return (float(row.value.iloc[0]), int(row.n.iloc[0])) if len(row) else (math.nan, 0)
 
@@ -170,7 +178,7 @@ def markdown(df: pd.DataFrame, env: dict) -> str:
 
     from tide.bench.report import table
 
-    regimes, sizes, m, dc, hw = env["regimes"], env["set_sizes"], env["model_shape"], env["decode"], env["machine"]
+    regimes, sizes, m, dc, hw = env["runs"], env["set_sizes"], env["model_shape"], env["decode"], env["machine"]
     per_layer: dict[str, list] = {"layer": [*sorted({x for x in df.layer if x != ALL}, key=int), ALL]}
     for regime in regimes:
         for metric, k, c, label in [("cosine", 1, "", "cos k=1"), ("cosine", 5, "", "cos k=5"),
@@ -189,7 +197,12 @@ def markdown(df: pd.DataFrame, env: dict) -> str:
              for r, s in env["steps_per_block"].items()],
            f"- generated tokens identical in both regimes: {env['identical_tokens']}; blocks whose full-minus-block-kv"
            f" counts are the same at every step (the prefix routes identically): {env['prefix_constant'][1]} of "
-           f"{env['prefix_constant'][0]}", "",
+           f"{env['prefix_constant'][0]}",
+           *([f"- batched runs' tokens identical to one request at a time, per request: {env['identical_batched']}"]
+             if env.get("identical_batched") is not None else []), "",
+           *(["A batched run's steps are the batch's forwards (denoising forward f of the batch is block f // steps, "
+              "step f % steps: TIDE's clock), whichever requests are in them; its counts pool every request's "
+              "block. The paper's figures are for one request at a time.", ""] if len(regimes) > 2 else []),
            "Only denoising forwards count. Counts: tokens routed to each expert in one forward of one MoE layer (in "
            "`full` the whole prefix too, in `block-kv` the current block). `n`: samples behind a value (step pairs, "
            "steps or windows); s and s+k exist only in blocks of more than k steps. Top-C: most tokens first, ties to "
@@ -247,16 +260,22 @@ def plot(df: pd.DataFrame, regimes: list[str], sizes: list[int], out: Path) -> N
 @click.option("--block-length", default=32, show_default=True, help="Tokens per diffusion block.")
 @click.option("--steps", default=32, show_default=True, help="Denoising steps per block at most.")
 @click.option("--threshold", default=0.95, show_default=True, help="Commit confidence threshold.")
+@click.option("--batch-sizes", default="1", show_default=True,
+              help="Comma-separated requests per forward, e.g. 1,4,16: each decodes every prompt at that batch size "
+                   "(continuous batching) and is studied on the batch's clock. Needs at least as many prompts as the "
+                   "largest batch (bench/prompts-batch.jsonl has 16).")
 @click.option("--out", default=None, help="Output directory, new or empty (default: results/stability).")
 @device_option("Where the model runs (cpu, cuda, cuda:N).")
 def stability(model: str | None, prompts_path: str | None, gen_length: int, block_length: int, steps: int,
-              threshold: float, out: str | None, device: str) -> None:
-    """Routing stability across denoising steps, both regimes, reference policy (issue #7 part 5)."""
+              threshold: float, batch_sizes: str, out: str | None, device: str) -> None:
+    """Routing stability across denoising steps, both regimes, reference policy, one request at a time and in
+    batches (issue #7 part 5, issue 22)."""
     import pandas as pd
 
-    from tide.bench.runner import DEFAULT_PROMPTS, read_prompts
+    from tide.bench.runner import DEFAULT_PROMPTS, parse_batch_sizes, read_prompts
     from tide.calibrate import machine_stamp
     from tide.config import REGIMES, DecodeConfig
+    from tide.decode import Request
     from tide.engine import load
     from tide.hub import atomic_write, new_run_dir, resolve_model, results_root
 
@@ -266,6 +285,11 @@ def stability(model: str | None, prompts_path: str | None, gen_length: int, bloc
         cfgs = {r: DecodeConfig(gen_length=gen_length, block_length=block_length, steps=steps, threshold=threshold,
                                 regime=r) for r in regimes}
         texts = read_prompts(prompts_path)
+        batches = sorted(set(parse_batch_sizes(batch_sizes)) | {1})
+        if len(set(texts)) < batches[-1]:
+            raise ValueError(f"--batch-sizes {batches[-1]} needs at least {batches[-1]} distinct prompts, "
+                             f"{prompts_path} has {len(set(texts))} (copies of a prompt route alike, which would "
+                             "understate a batch's union of experts): give --prompts bench/prompts-batch.jsonl")
         run_dir = new_run_dir(out or str(results_root() / "stability"), "stability")
         engine = load(path, device=device)
         prompts = [engine.encode(t) for t in texts]
@@ -273,30 +297,39 @@ def stability(model: str | None, prompts_path: str | None, gen_length: int, bloc
         raise click.UsageError(str(err)) from None
     sizes = [max(1, round(f * engine.config.num_experts)) for f in fractions]  # C: 25% and 50% of the experts
     runs = {r: [engine.run(ids, cfgs[r], trace=True) for ids in prompts] for r in regimes}
-    df = pd.DataFrame([row for r in regimes for row in study(merge_traces([x["trace"] for x in runs[r]]), r, sizes)],
-                      columns=COLUMNS)
+    batched = {(r, b): engine.run_batch([Request(ids, cfgs[r]) for ids in prompts], b, trace=True)
+               for r in regimes for b in batches if b > 1}
+    labels = [run_label(r, b) for b in batches for r in regimes]
+    rows = [row for r in regimes for row in study(merge_traces([x["trace"] for x in runs[r]]), r, sizes)]
+    rows += [row for (r, b), x in batched.items() for row in study(x["trace"], r, sizes, batch_size=b)]
+    df = pd.DataFrame(rows, columns=COLUMNS)
     pairs = list(zip(runs["block-kv"], runs["full"], strict=True))
     offsets = [prefix_offset_constant(a["trace"], b["trace"]) for a, b in pairs]
     cfg, per_block = engine.config, {r: [s for x in runs[r] for s in x["stats"]["steps_per_block"]] for r in regimes}
+    per_block.update({run_label(r, b): x["stats"]["steps_per_block"] for (r, b), x in batched.items()})
     command = shlex.join(["tide", "stability", "--model", str(path), "--prompts", prompts_path, "--gen-length",
                           str(gen_length), "--block-length", str(block_length), "--steps", str(steps), "--threshold",
-                          str(threshold), "--out", str(run_dir), "--device", device])
+                          str(threshold), "--batch-sizes", ",".join(map(str, batches)), "--out", str(run_dir),
+                          "--device", device])
     env = {"command": command, "model": str(path), "device": device, "prompts": prompts_path,
-           "num_prompts": len(prompts), "policy": "reference", "regimes": regimes, "fractions": list(fractions),
+           "num_prompts": len(prompts), "policy": "reference", "regimes": regimes, "batch_sizes": batches,
+           "runs": labels, "fractions": list(fractions),
            "decode": {k: v for k, v in asdict(cfgs["full"]).items() if k != "regime"}, "set_sizes": sizes,
            "model_shape": {"moe_layers": len(cfg.moe_layers), **{k: getattr(cfg, k) for k in SHAPE}},
            "steps_per_block": {r: {"blocks": len(v), "mean": _mean(v), "min": min(v), "max": max(v)}
                                for r, v in per_block.items()},
            "identical_tokens": all(a["tokens"] == b["tokens"] for a, b in pairs),
+           "identical_batched": (all(x["tokens"] == [y["tokens"] for y in runs[r]] for (r, _), x in batched.items())
+                                 if batched else None),
            "prefix_constant": [sum(t for t, _ in offsets), sum(s for _, s in offsets)],
            "machine": machine_stamp(device, engine.cpu_threads)}
     atomic_write(run_dir / "stability.csv", lambda tmp: df.to_csv(tmp, index=False))  # never half-written
     atomic_write(run_dir / "stability.md", markdown(df, env))
-    plot(df, regimes, sizes, run_dir)
+    plot(df, labels, sizes, run_dir)
     atomic_write(run_dir / "env.json", json.dumps(env, indent=2))
     click.echo((run_dir / "stability.md").read_text())
     keys = [("cosine_k1", "cosine", 1, ""), ("cosine_k5", "cosine", 5, ""),
             *[(f"hit_R{w}_C{c}", "hit_ratio", w, c) for w in (4, 8) for c in sizes]]
     summary = {r: {name: round(v, 4) if (v := pick(df, r, metric, k, c)[0]) == v else None  # NaN -> null
-                   for name, metric, k, c in keys} for r in regimes}
+                   for name, metric, k, c in keys} for r in labels}
     click.echo(json.dumps({"out": str(run_dir), "model": str(path), **summary}))  # last stdout line: one JSON object

@@ -111,21 +111,26 @@ def run_sweep(spec: SweepSpec, on_row: Callable[[dict], None] | None = None,
     if note:
         print(f"note: {note}")
     runs = ordered_runs(runs, truth)
-    profiles: dict[tuple[str, str], tuple] = {}
+    profiles: dict[tuple[str, str, int], tuple] = {}  # (budget, regime, batch size) -> (popularity, trace)
     reference: dict[tuple[str, int], tuple[list[list[int]], list]] = {}  # truth tokens and probe logits
     traces: dict[tuple[str, str, str], RoutingTrace] = {}
     rows: list[dict] = []
     # every batch size decodes the same requests: the prompts, cycled up to the largest batch
     n_requests = max(len(prompts), max(spec.batch_sizes))
+    if n_requests > len(prompts):
+        print(f"note: {len(prompts)} prompts cycled to {n_requests} requests for batch size {max(spec.batch_sizes)}: "
+              "copies of a prompt route alike, so the batch's union of experts is understated; give --prompts with "
+              "at least as many distinct prompts as the largest batch (bench/prompts-batch.jsonl has 16)")
     prompts = [prompts[i % len(prompts)] for i in range(n_requests)]
     for rep in range(spec.repeat):
         for regime, batch in ((r, b) for r in spec.regimes for b in spec.batch_sizes):
             dcfg = dataclasses.replace(spec.decode, regime=regime)
             for budget in spec.budgets:
-                if (budget, regime) not in profiles:
-                    profiles[(budget, regime)] = engine.profile_routing(budget, None, dataclasses.replace(
-                        DecodeConfig(gen_length=64, block_length=dcfg.block_length, steps=dcfg.steps), regime=regime))
-                popularity, ptrace = profiles[(budget, regime)]
+                if (budget, regime, batch) not in profiles:  # planned at the batch size it runs at
+                    profiles[(budget, regime, batch)] = engine.profile_routing(budget, None, dataclasses.replace(
+                        DecodeConfig(gen_length=64, block_length=dcfg.block_length, steps=dcfg.steps), regime=regime),
+                        batch)
+                popularity, ptrace = profiles[(budget, regime, batch)]
                 for policy, label, options in runs:
                     if policy == "reference" and budget != first_budget:
                         continue  # one reference run per regime: it has no budget
@@ -261,11 +266,12 @@ def projections(rows: list[dict], context: dict, machines: list[str]) -> list[di
         for machine in machines:
             cost = estimate(machine, cfg.hidden_size, cfg.moe_intermediate_size, engine.store.dtype.itemsize)
             slots = row["slots_per_layer"]
-            popularity = context["profiles"].get((row["budget"], row["regime"]), (None, None))[0]
+            profile = context["profiles"].get((row["budget"], row["regime"], key[3]), (None, None))
+            popularity = profile[0]
             ctx = PolicyContext(cfg.num_experts, tuple(cfg.moe_layers), slots, popularity)
             options = {}
             if row["policy"] == "tide":
-                sol = solve_interval(context["profiles"][(row["budget"], row["regime"])][1], cost, slots,
+                sol = solve_interval(profile[1], cost, slots,
                                      max(1, engine_steps(trace)))
                 options = {"refresh_interval": sol.interval, **({"rank": "interval"} if "interval" in row["variant"]
                                                                  else {}),

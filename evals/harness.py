@@ -210,7 +210,7 @@ def evaluate_run(spec: EvalSpec, engine, run: Run, manager, model: Path, run_dir
             options["cost"] = load_or_calibrate(spec.profile, cfg.hidden_size, cfg.moe_intermediate_size,
                                                 engine.store.dtype, spec.device, spec.cpu_threads)
     budget = None if run.budget == "all" else run.budget
-    engine.configure(run.policy, budget, **options)
+    engine.configure(run.policy, budget, profile_batch=spec.batch_size, **options)
     engine.run(engine.encode("warm-up"), WARMUP)  # untimed, as in tide bench: first-call costs stay out of tok/s
     recording = hasattr(engine.executor, "host_log")  # the accelerate peer has no host tier
     if recording:

@@ -2,9 +2,11 @@
 
 Built by lm-eval's CLI (`tide-lm-eval --model tide --model_args pretrained=DIR,policy=tide,gpu_budget=128/layer`)
 or handed a loaded engine (`tide eval`). lm-eval's own `batch_size`, `max_batch_size` and `device` are accepted
-(`batch_size`: generate_until's requests per forward, continuously batched; `auto` is 1; likelihoods run one
-at a time; `device` places the model: a CUDA device on a machine without CUDA falls back
-to the CPU with a warning, as lm-eval's HF model does). Unknown model_args are an error naming the known ones.
+(`batch_size`: generate_until's requests per forward, continuously batched, and loglikelihood's masked copies per
+forward; `auto` (or `auto:N`) picks, for each call, the largest batch up to `max_batch_size` (default 64) whose
+requests' KV caches and activations fit the device's free memory then, and logs it; `device` places the model:
+a CUDA device on a machine without CUDA falls back to the CPU with a warning, as lm-eval's HF model does).
+Unknown model_args are an error naming the known ones.
 
 generate_until: the block-diffusion decoder, cut at the first stop string. Decode settings per request: the
 task's gen_kwargs (`max_gen_toks`, `do_sample`, `temperature`, `top_p`, `top_k`) over the model_args, unless
@@ -37,12 +39,13 @@ from tqdm import tqdm
 from tide.config import DecodeConfig
 from tide.decode import Request
 from tide.engine import Engine
-from tide.model import block_causal_mask
+from tide.model import Part, block_causal_mask
 from tide.policy import StepInfo
 
 MC_SAMPLES = 16  # see the README ("Monte Carlo likelihoods") for the accuracy measured at 4..32
 DECODE_FIELDS = ("gen_length", "block_length", "steps", "threshold", "temperature", "top_p", "top_k", "regime")
 DEFAULT_GEN_LENGTH = 256  # lm-eval's default max_gen_toks
+AUTO_MAX_BATCH = 64  # lm-eval's default max_batch_size
 
 
 @register_model("tide")
@@ -68,7 +71,8 @@ class TideLM(TemplateLM):
         self.name = str(pretrained or "built-in")
         if engine is None:
             engine = _load_engine(pretrained, policy, gpu_budget, device or "cpu", dtype, int(cpu_threads),
-                                  refresh_interval, rank_by, bool(cost_fetch), bool(prefetch), profile, host_kernel)
+                                  refresh_interval, rank_by, bool(cost_fetch), bool(prefetch), profile, host_kernel,
+                                  _batch_size(batch_size))
         if engine.tokenizer is None:
             raise ValueError("tide: the lm-eval model needs a checkpoint with a tokenizer")
         self.engine, self.policy, self.tokenizer = engine, policy, engine.tokenizer
@@ -85,9 +89,12 @@ class TideLM(TemplateLM):
                                  + (" >= 1" if name == "mc_samples" else ""))
         self.do_sample, self.decode_from, self.seed = do_sample, decode_from, seed
         self.mc_samples, self.progress = mc_samples, progress
-        self.batch_size, self.batch = batch_size, _batch_size(batch_size)  # generate_until's requests per forward
+        self.batch_size, self.batch = batch_size, _batch_size(batch_size)  # requests (or copies) per forward
+        self.auto = isinstance(batch_size, str) and batch_size.startswith("auto")
+        self.max_batch_size = _batch_size(max_batch_size or AUTO_MAX_BATCH)
         self._rank, self._world_size = 0, 1
         self.records: list[dict[str, Any]] = []  # per request: task, doc, index, kind, output, stats
+        self.chosen_batch_sizes: list[int] = []  # what batch_size=auto picked, per call
 
     # ---- lm-eval conventions -------------------------------------------------------------------------
     @property
@@ -179,10 +186,11 @@ class TideLM(TemplateLM):
         tokens_total, seconds_total = 0, 0.0
         bar = tqdm(total=len(items), desc=f"tide {self.policy}: generate", unit="req",
                    disable=disable_tqdm or not self.progress)
-        chunk = 1 if self.batch == 1 else 4 * self.batch
+        batch = self.pick_batch([r for _, _, r in items])
+        chunk = 1 if batch == 1 else 4 * batch
         for start in range(0, len(items), chunk):
             part = items[start:start + chunk]
-            result = self.engine.run_batch([r for _, _, r in part], self.batch)
+            result = self.engine.run_batch([r for _, _, r in part], batch)
             stats = result["stats"]
             for (req, until, _), tokens in zip(part, result["tokens"], strict=True):
                 text = self.engine.decode(tokens)
@@ -198,17 +206,42 @@ class TideLM(TemplateLM):
         bar.close()
         return out
 
+    def pick_batch(self, requests: list[Request]) -> int:
+        """The batch size for these requests: the given one, or with `auto` the largest that fits now."""
+        if not self.auto or not requests:
+            return self.batch
+        batch = max(1, self.engine.largest_batch(requests, self.max_batch_size))
+        logging.getLogger("tide").info("tide: batch_size=auto: %d (of at most %d) for %d requests", batch,
+                                       self.max_batch_size, len(requests))
+        self.chosen_batch_sizes.append(batch)
+        return batch
+
     # ---- likelihoods ---------------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        """Each request's bound; with batch > 1, `batch` of the bound's masked copies per forward (one request's
+        copies and the next one's packed alike), in chunks of 4 x batch requests. A request's stats are its share,
+        by forwards of its own, of its chunk's packed forwards and traffic."""
         out = []
-        for _, context_enc, continuation_enc in tqdm(
-                requests, desc=f"tide {self.policy}: loglikelihood", unit="req",
-                disable=disable_tqdm or not self.progress):
+        bar = tqdm(total=len(requests), desc=f"tide {self.policy}: loglikelihood", unit="req",
+                   disable=disable_tqdm or not self.progress)
+        L = self.model_decode.get("block_length", 32)  # a masked copy holds its whole sequence, no KV cache
+        batch = self.pick_batch([Request(c, DecodeConfig(gen_length=len(x), block_length=L, regime="full"))
+                                 for _, c, x in requests if c and x])
+        chunk = 1 if batch == 1 else 4 * batch
+        for start in range(0, len(requests), chunk):
+            pairs = [(c, x) for _, c, x in requests[start:start + chunk]]
             self.engine.executor.counters.clear()
-            result = self.score(context_enc, continuation_enc)
-            stats = {"forwards": self.forwards(len(continuation_enc)) + 1, **_traffic(self.engine)}
-            self.records.append({"kind": "loglikelihood", "output": result, "stats": stats})
-            out.append(result)
+            results = [self.score(*pairs[0])] if batch == 1 else self.score_batch(pairs, batch)
+            traffic = _traffic(self.engine)
+            own = [self.forwards(len(x)) + 1 for _, x in pairs]
+            packed = sum(own) if batch == 1 else -(-sum(own) // batch)
+            for result, n in zip(results, own, strict=True):
+                share = n / sum(own)
+                stats = {"forwards": packed * share, **{k: v * share for k, v in traffic.items()}}
+                self.records.append({"kind": "loglikelihood", "output": result, "stats": stats})
+                out.append(result)
+            bar.update(len(pairs))
+        bar.close()
         return out
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -228,44 +261,69 @@ class TideLM(TemplateLM):
         """Forwards the bound takes for a continuation of `length` tokens."""
         return 2 ** length - 1 if self.exact(length) else self.mc_samples
 
-    @torch.no_grad()
+    def masks(self, context: list[int], continuation: list[int]) -> tuple[list[tuple[list[int], int, int]], int]:
+        """The bound's forwards for one request: ([masked continuation offsets], num, den) each, a forward adding
+        log p(masked | rest) * num / den, and the divisor of the sum (see the module docstring)."""
+        L = len(continuation)
+        if self.exact(L):  # P(l) = 1/L, P(S | l) = 1/C(L, l), factor L/l: each subset weighs 1 / (l C(L, l))
+            return [(list(s), 1, n * math.comb(L, n)) for n in range(1, L + 1) for s in combinations(range(L), n)], 1
+        gen = torch.Generator().manual_seed(self.seed + zlib.crc32(repr(context).encode()))
+        offset = float(torch.rand((), generator=gen)) * L
+        out = []
+        for i in range(self.mc_samples):
+            n = int(offset + i * L / self.mc_samples) % L + 1  # stratified over 1..L
+            out.append((torch.randperm(L, generator=gen)[:n].tolist(), L, n))
+        return out, self.mc_samples
+
     def score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
         """(the bound on log p(continuation | context), whether greedy decoding of it from all-masked matches)."""
-        engine, L = self.engine, len(continuation)
-        if not context or not L:
-            raise ValueError("loglikelihood needs a non-empty context and continuation")
+        return self.score_batch([(context, continuation)], 1)[0]
+
+    @torch.no_grad()
+    def score_batch(self, pairs: list[tuple[list[int], list[int]]], batch: int) -> list[tuple[float, bool]]:
+        """score() of each (context, continuation), `batch` masked copies per forward (packed: attention per copy,
+        the MoE layers routing all of them at once). Batch 1 is one copy per forward at the request's own clock
+        (block of its end, step = copy index; the all-masked copy last, at step mc_samples); a batch runs on the
+        batch's clock (forward f is block f // (mc_samples + 1), step f % (mc_samples + 1))."""
+        engine = self.engine
         device = next(engine.model.parameters()).device
-        ids = torch.tensor(context + continuation, device=device)
-        T, P = len(ids), len(context)
-        mask = block_causal_mask(T, self.model_decode.get("block_length", 32), device)
-        block = T // self.model_decode.get("block_length", 32)
-
-        def masked_logp(where: list[int], i: int) -> float:
-            noisy = ids.clone()
-            noisy[where] = engine.mask_id
-            logits = engine.model(noisy[None], 0, mask, at=StepInfo(block, i))[0]
-            picked = torch.log_softmax(logits[where].float(), dim=-1).gather(1, ids[where][:, None])
-            return float(picked.sum())
-
-        if self.exact(L):  # P(l) = 1/L, P(S | l) = 1/C(L, l), factor L/l: each subset weighs 1 / (l C(L, l))
-            estimate = 0.0
-            for i, subset in enumerate(s for n in range(1, L + 1) for s in combinations(range(L), n)):
-                n = len(subset)
-                estimate += masked_logp([P + j for j in subset], i) / (n * math.comb(L, n))
-        else:
-            gen = torch.Generator().manual_seed(self.seed + zlib.crc32(repr(context).encode()))
-            offset = float(torch.rand((), generator=gen)) * L
-            total = 0.0
-            for i in range(self.mc_samples):
-                n = int(offset + i * L / self.mc_samples) % L + 1  # stratified over 1..L
-                where = (P + torch.randperm(L, generator=gen)[:n]).tolist()
-                total += masked_logp(where, i) * L / n
-            estimate = total / self.mc_samples
-        all_masked = ids.clone()
-        all_masked[P:] = engine.mask_id
-        logits = engine.model(all_masked[None], 0, mask, at=StepInfo(block, self.mc_samples))[0]
-        greedy = bool((logits[P:].argmax(-1) == ids[P:]).all())
-        return estimate, greedy
+        L_block = self.model_decode.get("block_length", 32)
+        copies, divisors = [], []  # copies: (request, ids, noisy ids, masked positions, num, den, step)
+        for r, (context, continuation) in enumerate(pairs):
+            if not context or not continuation:
+                raise ValueError("loglikelihood needs a non-empty context and continuation")
+            ids, P = torch.tensor(context + continuation, device=device), len(context)
+            jobs, divisor = self.masks(context, continuation)
+            divisors.append(divisor)
+            for i, (offsets, num, den) in enumerate([*jobs, (list(range(len(continuation))), 0, 0)]):
+                where = [P + j for j in offsets]
+                noisy = ids.clone()
+                noisy[where] = engine.mask_id
+                copies.append((r, ids, noisy, where, num, den, self.mc_samples if den == 0 else i))
+        masks: dict[int, torch.Tensor] = {}
+        sums, greedy = [0.0] * len(pairs), [False] * len(pairs)
+        window = self.mc_samples + 1
+        for f, start in enumerate(range(0, len(copies), batch)):
+            pack = copies[start:start + batch]
+            parts = []
+            for _, ids, noisy, _, _, _, _ in pack:
+                T = len(ids)
+                if T not in masks:
+                    masks[T] = block_causal_mask(T, L_block, device)
+                parts.append(Part(noisy, 0, masks[T]))
+            if batch == 1:
+                _, ids, noisy, _, _, _, step = pack[0]
+                logits = [engine.model(noisy[None], 0, parts[0].mask, at=StepInfo(len(ids) // L_block, step))[0]]
+            else:
+                logits = engine.model.forward_packed(parts, StepInfo(f // window, f % window, requests=len(pack)))
+            for (r, ids, _, where, num, den, _), lg in zip(pack, logits, strict=True):
+                if den == 0:  # the all-masked copy: greedy decoding of the continuation from nothing
+                    P = len(ids) - len(pairs[r][1])
+                    greedy[r] = bool((lg[P:].argmax(-1) == ids[P:]).all())
+                    continue
+                picked = torch.log_softmax(lg[where].float(), dim=-1).gather(1, ids[where][:, None])
+                sums[r] += float(picked.sum()) * num / den
+        return [(s / d, g) for s, d, g in zip(sums, divisors, greedy, strict=True)]
 
 
 def _traffic(engine: Engine) -> dict[str, Any]:
@@ -274,7 +332,8 @@ def _traffic(engine: Engine) -> dict[str, Any]:
 
 
 def _batch_size(value: Any) -> int:
-    """lm-eval's batch_size (an int, its string, or 'auto'/'auto:N', read as 1) as requests per forward."""
+    """lm-eval's batch_size (an int, its string, or 'auto'/'auto:N', read here as 1: TideLM.pick_batch decides
+    per call) as requests per forward."""
     if value is None or (isinstance(value, str) and value.startswith("auto")):
         return 1
     try:
@@ -295,7 +354,7 @@ def record(req: Any, kind: str, output: Any, stats: dict[str, Any]) -> dict[str,
 
 def _load_engine(pretrained: str | None, policy: str, gpu_budget: str | None, device: str, dtype: str | None,
                  cpu_threads: int, refresh_interval: int | str, rank_by: str, cost_fetch: bool, prefetch: bool,
-                 profile: str | None, host_kernel: str = "auto") -> Engine:
+                 profile: str | None, host_kernel: str = "auto", batch_size: int = 1) -> Engine:
     """An engine built from model_args (lm-eval's CLI path)."""
     import tide.baselines  # noqa: F401  (registers the baseline policies)
     import tide.refresh  # noqa: F401
@@ -323,4 +382,4 @@ def _load_engine(pretrained: str | None, policy: str, gpu_budget: str | None, de
                                                 torch_dtype(dtype, cfg), device, cpu_threads, host_kernel)
     budget = None if gpu_budget is None else str(gpu_budget)
     return load(path, policy=policy, gpu_budget=budget, device=device, dtype=None if dtype == "auto" else dtype,
-                cpu_threads=cpu_threads, host_kernel=host_kernel, **options)
+                cpu_threads=cpu_threads, host_kernel=host_kernel, profile_batch=batch_size, **options)

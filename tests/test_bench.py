@@ -89,7 +89,7 @@ def test_oracle_bound_is_below_every_policy(sweep):
         if variant == "reference":
             continue
         slots = next(r["slots_per_layer"] for r in rows if r["variant"] == variant)
-        ctx = PolicyContext(16, (1, 2), slots, context["profiles"][(budget, regime)][0])
+        ctx = PolicyContext(16, (1, 2), slots, context["profiles"][(budget, regime, _batch)][0])
         for policy in ("full-offload", "lru", "cpu-fallback"):
             modelled = replay(trace, make_policy(policy, ctx), slots, cost).step_s
             assert oracle_bound_s(trace, slots, cost) <= modelled + 1e-12

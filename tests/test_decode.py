@@ -187,3 +187,18 @@ def test_run_batch_counts_the_batch_forwards(tiny_dir):
     assert together["forwards"] < alone["forwards"]  # a forward serves every request in it
     with pytest.raises(ValueError, match="batch size"):
         engine.run_batch(requests, 0)
+
+
+def test_a_profile_for_a_batch_decodes_that_many_distinct_prompts_per_forward(tiny_dir):
+    """TIDE plans R from a profile at the batch size it runs at: one distinct prompt per request, batched."""
+    from tide.config import PROFILE_PROMPTS, PROFILE_REQUESTS, DecodeConfig
+
+    assert len(set(PROFILE_PROMPTS)) == len(PROFILE_PROMPTS) >= 16
+    engine = load(tiny_dir, policy="reference", dtype="float32")
+    cfg = DecodeConfig(gen_length=16, block_length=8, steps=8)
+    k, L = engine.config.num_experts_per_tok, cfg.block_length
+    for batch in (1, 4):
+        _, trace = engine.profile_routing("4/layer", None, cfg, batch)
+        first = next(r for r in trace.records if r.kind == "denoise")
+        assert sum(first.counts.values()) == batch * L * k  # the first forward routes every request's block
+        assert f"profiled on {max(PROFILE_REQUESTS, batch)} prompt(s), batch size {batch}" in engine.notes[-1]

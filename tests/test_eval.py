@@ -240,21 +240,53 @@ def test_device_in_model_args_wins_over_lm_evals_own(tiny_dir):
 
 
 def test_lm_eval_batch_size_gives_the_same_outputs_as_one_at_a_time():
-    """lm-eval's batch_size=4 decodes generate_until's requests 4 per forward: per sample the same outputs as
-    batch_size=1, on the built-in model and its task (tide_arith through lm-eval's own evaluator)."""
+    """lm-eval's batch_size=4 decodes generate_until's requests 4 per forward and packs 4 of loglikelihood's masked
+    copies per forward: per sample the same outputs as batch_size=1, on the built-in model and its tasks
+    (tide_arith, tide_arith_mc through lm-eval's own evaluator). Likelihoods are float32 sums over GEMMs of more
+    rows, so they are compared at 1e-5 (measured here: ~1e-7 relative); choices and greedy flags exactly."""
     from lm_eval import simple_evaluate
 
-    outputs, stats = {}, {}
+    outputs, stats, results = {}, {}, {}
     for batch in (1, 4):
-        lm = TideLM.create_from_arg_string("dtype=float32,gen_length=16,block_length=8,steps=8",
+        lm = TideLM.create_from_arg_string("dtype=float32,gen_length=16,block_length=8,steps=8,mc_samples=4",
                                            {"batch_size": str(batch), "device": "cpu"})
-        simple_evaluate(model=lm, tasks=["tide_arith"], limit=9, task_manager=task_manager(),
-                        bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+        out = simple_evaluate(model=lm, tasks=["tide_arith", "tide_arith_mc"], limit=9, task_manager=task_manager(),
+                              bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                              log_samples=True)
         outputs[batch] = {(r["task"], r["doc_id"], r["idx"]): r["output"] for r in lm.records}
-        stats[batch] = [r["stats"] for r in lm.records]
-    assert len(outputs[1]) == 9 and outputs[4] == outputs[1]
-    total = {b: sum(s["generated_tokens"] for s in stats[b]) for b in (1, 4)}
-    assert total[1] == total[4] and sum(s["forwards"] for s in stats[4]) < sum(s["forwards"] for s in stats[1])
+        stats[batch] = {kind: [r["stats"] for r in lm.records if r["kind"] == kind]
+                        for kind in ("generate", "loglikelihood")}
+        results[batch] = {(t, s["doc_id"]): {k: v for k, v in s.items() if k in ("acc", "exact_match")}
+                          for t, samples in out["samples"].items() for s in samples}
+    generated = {k: v for k, v in outputs[1].items() if k[0] == "tide_arith"}
+    assert len(generated) == 9 and all(outputs[4][k] == v for k, v in generated.items())
+    scored = {k: v for k, v in outputs[1].items() if k[0] == "tide_arith_mc"}
+    assert len(scored) >= 18 and scored.keys() == {k for k in outputs[4] if k[0] == "tide_arith_mc"}
+    for key, (ll, greedy) in scored.items():
+        assert outputs[4][key][1] == greedy and outputs[4][key][0] == pytest.approx(ll, rel=1e-5, abs=1e-5), key
+    assert results[4] == results[1]  # per-sample metrics
+    gen = {b: stats[b]["generate"] for b in (1, 4)}
+    assert sum(s["generated_tokens"] for s in gen[1]) == sum(s["generated_tokens"] for s in gen[4])
+    for kind in ("generate", "loglikelihood"):  # fewer forwards: each serves several requests (or copies)
+        assert sum(s["forwards"] for s in stats[4][kind]) < sum(s["forwards"] for s in stats[1][kind])
     for bad in ("0", "two", 2.5):
         with pytest.raises(ValueError, match="batch_size"):
             TideLM.create_from_arg_string("dtype=float32", {"batch_size": bad})
+
+
+def test_lm_eval_batch_size_auto_picks_the_largest_that_fits(monkeypatch):
+    """batch_size=auto: the largest batch up to max_batch_size whose requests fit the free memory now."""
+    from lm_eval.api.instance import Instance
+
+    import tide.engine
+    from tide.decode import Request
+
+    lm = TideLM.create_from_arg_string("dtype=float32,gen_length=8,block_length=8,steps=8",
+                                       {"batch_size": "auto", "max_batch_size": 3, "device": "cpu"})
+    reqs = [Instance("generate_until", {}, (f"{i} + {i} =", {"until": ["\n"]}), i) for i in range(5)]
+    lm.generate_until(reqs)
+    assert lm.chosen_batch_sizes == [3]  # the host has room for all: max_batch_size caps it
+    one = lm.engine.request_bytes(Request(lm.tok_encode("1 + 1 ="), lm.decode_config({}, [1])))
+    monkeypatch.setattr(tide.engine, "free_bytes", lambda device: int(2.5 * one))
+    lm.generate_until(reqs)
+    assert lm.chosen_batch_sizes[-1] == 2

@@ -39,7 +39,8 @@ def _build_and_probe(tmp_path):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"tide"}, tops  # no top-level bench, evals or baselines
     for needed in ("tide/evals/tasks/tide_mbpp_sanitized.yaml", "tide/evals/tasks/tide_arith.yaml",
-                   "tide/bench/prompts.jsonl", "tide/bench/profiles/h100-pcie5.mini.estimate.json",
+                   "tide/bench/prompts.jsonl", "tide/bench/prompts-batch.jsonl",
+                   "tide/bench/profiles/h100-pcie5.mini.estimate.json",
                    "tide/baselines/lru.py", "tide/evals/lm_eval_cli.py", "tide/experts/host_kernel.c"):
         assert needed in names, needed
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()

@@ -117,3 +117,27 @@ def test_command_smoke(tmp_path):
     assert set(summary) == {"out", "model", "block-kv", "full"}
     again = CliRunner().invoke(st.stability, args)  # results are never overwritten
     assert again.exit_code != 0 and "not empty" in again.output
+
+
+def test_command_studies_batches_on_the_batch_clock(tmp_path):
+    """--batch-sizes: each batch size decodes every prompt batched, studied as its own run; the batched tokens
+    are the one-at-a-time tokens; too few distinct prompts for the largest batch is refused, not cycled."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'"prompt number {i}: "\n' for i in range(4)))
+    args = ["--model", "preset:tiny", "--prompts", str(prompts), "--gen-length", "16", "--block-length", "8",
+            "--steps", "8"]
+    result = CliRunner().invoke(st.stability, [*args, "--batch-sizes", "1,4", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    df = pd.read_csv(tmp_path / "s" / "stability.csv")
+    assert set(df.run) == {"block-kv", "full", "block-kv, batch 4", "full, batch 4"}
+    assert set(df[df.batch_size == 4].regime) == {"block-kv", "full"}
+    batch1, batch4 = (df[(df.run == r) & (df.metric == "routed_pairs") & (df.layer == "all")].value.iloc[0]
+                      for r in ("block-kv", "block-kv, batch 4"))
+    assert batch4 > 2 * batch1  # a batch's forward routes several requests' blocks
+    env = json.loads((tmp_path / "s" / "env.json").read_text())
+    assert env["identical_batched"] is True and env["batch_sizes"] == [1, 4]
+    assert "batch 4" in (tmp_path / "s" / "stability.md").read_text()
+    refused = CliRunner().invoke(st.stability, [*args, "--batch-sizes", "8", "--out", str(tmp_path / "t")])
+    assert refused.exit_code != 0 and "at least 8 distinct prompts" in refused.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert set(summary) == {"out", "model", "block-kv", "full", "block-kv, batch 4", "full, batch 4"}

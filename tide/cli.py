@@ -142,7 +142,7 @@ def generate(model_dir: str, prompt: str | None, prompt_ids: str | None, prompts
     chat = kw.pop("chat")
     decode = {k: kw.pop(k) for k in DECODE_FLAGS}
     _decode_config({k: v for k, v in decode.items() if v is not None})  # bad flags fail before loading
-    engine = _load(model_dir, kw)
+    engine = _load(model_dir, kw, profile_batch=batch_size)  # tide plans R from a profile at this batch size
     cfg = _decode_config({**engine.decode_defaults, **{k: v for k, v in decode.items() if v is not None}})
     try:
         many = [engine.encode(t, chat) for t in texts] if texts is not None else [
@@ -334,9 +334,9 @@ def plan(model_dir, gpu_budget, profile_path, trace_path, max_interval, per_laye
     if trace_path:
         trace = RoutingTrace.load(trace_path)
     else:
-        from tide.engine import PROFILE_DECODE, PROFILE_PROMPTS
+        from tide.config import PROFILE_DECODE, PROFILE_PROMPTS, PROFILE_REQUESTS
 
-        trace = engine.profile([engine.encode(p) for p in PROFILE_PROMPTS], PROFILE_DECODE)[1]
+        trace = engine.profile([engine.encode(p) for p in PROFILE_PROMPTS[:PROFILE_REQUESTS]], PROFILE_DECODE)[1]
     steps = max_interval or max((r.step + 1 for r in trace.records if r.kind == "denoise"), default=1)
     sol = solve_interval(trace, cost, engine.store.slots, steps, per_layer=per_layer_interval, objective=objective)
     click.echo(f"cost model: {cost.source}; fetch {cost.fetch_s() * 1e6:.1f} us/expert; "

@@ -269,3 +269,22 @@ class DecodeConfig:
     def effective_steps(self) -> int:
         """Official rule: steps = min(steps, gen_length // minimal_topk)."""
         return max(1, min(self.steps, self.gen_length // self.minimal_topk))
+
+
+# The routing profile TIDE plans from (and cpu-fallback ranks by): never the prompts that get measured.
+PROFILE_PROMPTS = ("The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b\n",
+                   "Question: what is 12 plus 30?\nAnswer:", "import json\n\ndef load(path):",
+                   "Write a function that reverses a string.", "for i in range(10):\n    print(i * i)",
+                   "Question: what is the capital of France?\nAnswer:", "class Point:\n    def __init__(self, x, y):",
+                   "The weather today is", "def is_prime(n):", "Translate to French: good morning",
+                   "SELECT name FROM users WHERE", "Once upon a time, in a small village,",
+                   "def merge_sort(items):", "Question: what is 7 times 8?\nAnswer:",
+                   "# Compute the mean of a list of numbers\n")
+PROFILE_REQUESTS = 3  # prompts profiled one at a time (the paper's setting); a batch profile takes one per request
+PROFILE_DECODE = DecodeConfig(gen_length=64, block_length=32, steps=32)
+
+
+def profile_prompts(batch_size: int = 1) -> tuple[str, ...]:
+    """The prompts a profile at `batch_size` decodes: PROFILE_REQUESTS, or one distinct prompt per request (all 16
+    beyond 16: the profile's batch then holds 16, and its note says so)."""
+    return PROFILE_PROMPTS[: max(PROFILE_REQUESTS, batch_size)]

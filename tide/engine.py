@@ -19,7 +19,7 @@ from torch import Tensor
 
 from tide.budget import BudgetSizes, slots_per_layer
 from tide.checkpoint import CheckpointReader, fill_store, load_model, load_tokenizer, read_generation_config
-from tide.config import DTYPES, DecodeConfig, ModelConfig, default_cpu_threads
+from tide.config import DTYPES, PROFILE_DECODE, DecodeConfig, ModelConfig, default_cpu_threads, profile_prompts
 from tide.decode import Generation, Request, generate, generate_batch
 from tide.device import resolve_device
 from tide.experts.executor import DEVICE_KERNELS, MoEExecutor, swiglu
@@ -133,14 +133,15 @@ class Engine:
     def configure(self, policy: str, gpu_budget: str | None = None,
                   popularity: Mapping[int, Mapping[int, int]] | None = None,
                   profile_prompts: list[list[int]] | None = None, trace: RoutingTrace | None = None,
-                  profile_cfg: DecodeConfig | None = None, **options: Any) -> None:
+                  profile_cfg: DecodeConfig | None = None, profile_batch: int = 1, **options: Any) -> None:
         """(Re)build the device tier for `gpu_budget` and wire `policy` in, from its warm start.
 
         A policy that wants a profile (`wants_profile(options)`: cpu-fallback; tide with refresh_interval="auto")
         and gets no `popularity` is given one: the engine first runs under 'lru' on `profile_prompts` (default:
         PROFILE_PROMPTS, not the prompts that get measured; decoded with `profile_cfg`, default PROFILE_DECODE),
-        records the routing, and builds the policy from it (`from_profile` where the class has one). Callers
-        that profiled already pass `popularity` and `trace`.
+        records the routing, and builds the policy from it (`from_profile` where the class has one), decoding
+        `profile_batch` requests per forward as the runs it plans for. Callers that profiled pass `popularity`
+        and `trace`.
         """
         cfg = self.config
         slots = slots_per_layer(gpu_budget, self.budget_sizes())
@@ -148,7 +149,7 @@ class Engine:
         wants = getattr(cls, "wants_profile", None)
         profiled = wants is not None and wants(options)
         if profiled and popularity is None:
-            popularity, trace = self.profile_routing(gpu_budget, profile_prompts, profile_cfg)
+            popularity, trace = self.profile_routing(gpu_budget, profile_prompts, profile_cfg, profile_batch)
         ctx = PolicyContext(cfg.num_experts, tuple(cfg.moe_layers), slots, popularity)
         builder = getattr(cls, "from_profile", None)
         if profiled and builder is not None:
@@ -195,13 +196,20 @@ class Engine:
         scores = cfg.num_attention_heads * tokens * positions * 4
         return cache + acts + scores + L * cfg.vocab_size * 4
 
+    def largest_batch(self, requests: list[Request], cap: int) -> int:
+        """The largest batch size up to `cap` whose largest requests, together, fit in the device's free memory
+        now (0: not even one). lm-eval's batch_size=auto."""
+        needs = sorted((self.request_bytes(r) for r in requests), reverse=True)[:cap]
+        room = free_bytes(self.store.device)
+        return max((b for b in range(len(needs) + 1) if sum(needs[:b]) <= room), default=0)
+
     def check_batch_fit(self, requests: list[Request], batch_size: int) -> None:
         """Refuse a batch whose largest requests, together, would not fit beside what is on the device, naming
         the largest batch size that fits."""
         needs = sorted((self.request_bytes(r) for r in requests), reverse=True)[:batch_size]
         room = free_bytes(self.store.device)
         if sum(needs) > room:
-            fits = max((b for b in range(len(needs) + 1) if sum(needs[:b]) <= room), default=0)
+            fits = self.largest_batch(requests, batch_size)
             raise DeviceMemoryError(
                 f"batch size {batch_size} needs about {sum(needs) / 1e9:.2f} GB on {self.store.device} for its "
                 f"requests' KV caches and activations, where {room / 1e9:.2f} GB is free: the largest batch size "
@@ -221,21 +229,31 @@ class Engine:
                 f"{fits}/layer fits")
 
     def profile_routing(self, gpu_budget: str | None, prompts: list[list[int]] | None = None,
-                        cfg: DecodeConfig | None = None) -> tuple[dict[int, dict[int, int]], RoutingTrace]:
-        """A profiling pass under 'lru' at this budget (any lossless policy routes the same tokens)."""
+                        cfg: DecodeConfig | None = None, batch_size: int = 1) -> tuple[dict, RoutingTrace]:
+        """A profiling pass under 'lru' at this budget (any lossless policy routes the same tokens), `batch_size`
+        requests per forward as the run it plans for, on the first max(PROFILE_REQUESTS, batch_size) of the
+        distinct PROFILE_PROMPTS (copies of a prompt route alike: they would understate a batch's union)."""
         self.configure("lru", gpu_budget)
-        prompts = prompts or [self.encode(p) if self.tokenizer else list(range(1, 17)) for p in PROFILE_PROMPTS]
-        popularity, trace = self.profile(prompts, cfg or PROFILE_DECODE)
-        self.notes.append(f"profiled on {len(prompts)} prompt(s): {len(trace.records)} layer-forwards")
+        if prompts is None:
+            prompts = [self.encode(p) if self.tokenizer else [1 + i, *range(2, 17)]
+                       for i, p in enumerate(profile_prompts(batch_size))]
+        popularity, trace = self.profile(prompts, cfg or PROFILE_DECODE, batch_size)
+        self.notes.append(f"profiled on {len(prompts)} prompt(s), batch size {batch_size}: {len(trace.records)} "
+                          "layer-forwards")
         return popularity, trace
 
-    def profile(self, prompts: list[list[int]], cfg: DecodeConfig) -> tuple[dict[int, dict[int, int]], RoutingTrace]:
-        """Decode `prompts` and return the tokens routed to each expert of each layer, and the routing trace."""
+    def profile(self, prompts: list[list[int]], cfg: DecodeConfig,
+                batch_size: int = 1) -> tuple[dict[int, dict[int, int]], RoutingTrace]:
+        """Decode `prompts` (`batch_size` per forward) and return the tokens routed to each expert of each layer,
+        and the routing trace."""
         self.executor.counters.clear()
         trace = self.executor.trace = RoutingTrace(self.config.num_experts, self.config.moe_layers)
         try:
-            for prompt in prompts:
-                self.generate(prompt, cfg)
+            if batch_size == 1:
+                for prompt in prompts:
+                    self.generate(prompt, cfg)
+            else:
+                self.generate_batch([Request(p, cfg) for p in prompts], batch_size)
         finally:
             self.executor.trace = None
         popularity = {layer: dict(c) for layer, c in self.executor.counters.expert_tokens.items()}
@@ -316,10 +334,6 @@ def non_expert_bytes(model: LLaDA2Model) -> int:
 
 
 # Generic prompts for profiling policies (cpu-fallback); deliberately not the prompts that get measured.
-PROFILE_PROMPTS = ("The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b\n",
-                   "Question: what is 12 plus 30?\nAnswer:")
-PROFILE_DECODE = DecodeConfig(gen_length=64, block_length=32, steps=32)
-
 
 def check_memory(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, gpu_budget: str | None,
                  staging: int) -> None:
@@ -349,7 +363,7 @@ def check_memory(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, gpu
 def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = None, device: str = "cpu",
          dtype: str | None = None, cpu_threads: int | None = None, staging: int = 2,
          popularity: Mapping[int, Mapping[int, int]] | None = None, profile_prompts: list[list[int]] | None = None,
-         check_finite: bool = True, host_kernel: str = "auto", device_kernel: str = "swiglu",
+         check_finite: bool = True, host_kernel: str = "auto", device_kernel: str = "swiglu", profile_batch: int = 1,
          **policy_options: Any) -> Engine:
     """Load a checkpoint directory and wire the named policy in (see Engine.configure; budgets: tide.budget).
     Everything that can be refused is checked first: device, config, tokenizer, memory for the weights and the
@@ -380,7 +394,7 @@ def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = N
     notes.append(f"host kernel: {kernel_note}")
     engine = Engine(model, store, None, tokenizer, mask_id, eos_id, notes, cpu_threads, staging,
                     decode_defaults=defaults, host_kernel=kernel, device_kernel=device_kernel)
-    engine.configure(policy, gpu_budget, popularity, profile_prompts, **policy_options)
+    engine.configure(policy, gpu_budget, popularity, profile_prompts, profile_batch=profile_batch, **policy_options)
     for note in notes:
         log.info(note)
     return engine
