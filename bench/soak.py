@@ -18,7 +18,10 @@ import threading
 import click
 import pandas as pd
 
+from tide import passive_openmp
 from tide.options import UserErrorCommand, device_option
+
+passive_openmp()  # torch loads later, inside the commands: its OpenMP threads then sleep at barriers, as in `tide`
 
 POLICIES = "reference,full-offload,lru,cpu-fallback,accelerate,tide"
 

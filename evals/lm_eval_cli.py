@@ -36,6 +36,9 @@ def with_task_dir(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tide import passive_openmp
+
+    passive_openmp()  # before lm-eval loads torch, as `tide` does (README, "Threads")
     from tide.evals.extras import require_eval_extra
 
     try:

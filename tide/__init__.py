@@ -1,9 +1,10 @@
 """TIDE: lossless expert offloading for MoE diffusion LLMs (LLaDA2.0) on one GPU plus the host CPU.
 
-The public names are imported on first use (PEP 562), so `tide.cli` can set the process's threading policy
-before torch loads.
+The public names are imported on first use (PEP 562), so every entry point (`tide`, `tide-lm-eval`, the
+`python -m tide.bench.*` studies) can set the process's threading policy (`passive_openmp`) before torch loads.
 """
 
+import os
 from importlib import import_module
 from pathlib import Path
 
@@ -19,6 +20,14 @@ _PUBLIC = {"DecodeConfig": "tide.config", "ModelConfig": "tide.config", "preset"
            "POLICIES": "tide.policy", "Plan": "tide.policy", "Policy": "tide.policy", "StepInfo": "tide.policy",
            "register_policy": "tide.policy"}
 __all__ = sorted(_PUBLIC)
+
+
+def passive_openmp() -> None:
+    """OpenMP threads sleep at barriers instead of spinning (README, "Threads"), so the main thread's intra-op team
+    neither steals cores from the host-tier workers after each op nor collapses when other processes share the
+    cores. libgomp reads the variable once, when torch loads it: every entry point calls this first. A value in the
+    environment wins."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def __getattr__(name: str):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
 
+from tide import passive_openmp
 from tide.config import DTYPES, PRESETS, DecodeConfig, parse_refresh_interval, preset
 from tide.hub import MODEL_HELP, write_new
 from tide.options import (
@@ -19,10 +19,7 @@ from tide.options import (
     runtime_options,
 )
 
-# Threads (README, "Threads"): OpenMP threads sleep at barriers instead of spinning, so the main thread's intra-op
-# teams neither starve the host-tier workers nor collapse when other processes share the cores. Set here, before
-# anything loads torch (tide.config and tide.hub do not); a value in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+passive_openmp()  # before anything loads torch (tide.config, tide.hub and tide.options do not)
 
 
 THREADS_HELP = ("torch intra-op threads of the main thread [default: the usable cores (os.sched_getaffinity) less "
