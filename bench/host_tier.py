@@ -5,8 +5,10 @@ experts per layer-forward, with each host kernel that runs here (torch's swiglu;
 avx512-bf16 in bf16, avx512 and avx2 in bf16 and fp32, tide.experts.host_kernels), it times the host tier as the
 executor runs it (tide.calibrate.host_curve: the executor's workers, hand-off and staging) and divides the weight
 bytes read by the time: GB/s. The machine's read bandwidth is measured on the same workers: each reads its own 1 GiB
-buffer (the faster of torch's sum and the compiled load loop), at the start and again beside each configuration,
-whose cells use that one (the bandwidth of a VM drifts). It also says which kernel `auto` picks here. Writes
+buffer (the fastest of torch's sum and the compiled load loop at 1, 2 and 4 streams), at the start and again beside
+each configuration, whose cells use that one (the bandwidth of a VM drifts). The FMA peak of the same workers bounds
+the FMA kernels at many tokens: a second table gives each cell's share of the roofline (the lesser of the two). It
+also says which kernel `auto` picks here. Writes
 results/<date>-<host>-host-tier/host_tier.csv, host_tier.md, env.json. Measured on the machine it runs on.
 """
 
@@ -17,6 +19,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import click
 import pandas as pd
@@ -33,12 +36,13 @@ POOL_BYTES = 2 << 30  # experts cycled through per configuration: more than the 
 
 def read_bandwidth(workers: int, mib: int = 1024, repeats: int = 5) -> tuple[float, str]:
     """(bytes per second, how) that `workers` single-threaded threads read together, each its own `mib` buffer
-    (more than the last-level cache holds): the faster of torch's float32 sum and the compiled eight-stream load
-    loop (tide_read_bytes in host_kernel.c, at the widest loads this CPU has: it builds on every x86-64 host)."""
+    (more than the last-level cache holds): the fastest of torch's float32 sum and the compiled load loop
+    (tide_read_bytes in host_kernel.c, at the widest loads this CPU has, reading 1, 2 or 4 streams side by side: it
+    builds on every x86-64 host)."""
     buffers = [torch.ones(mib << 18) for _ in range(workers)]  # float32
     readers = {"torch sum": lambda buf: buf.sum()}
     try:
-        readers.update([compiled_reader()])
+        readers.update(compiled_readers())
     except RuntimeError as why:
         print(f"host_tier: the compiled read loop does not run here ({why}); the yardstick is torch's sum only")
     rates = {how: workers * (mib << 20) / timed(reader, buffers, repeats) for how, reader in readers.items()}
@@ -46,9 +50,9 @@ def read_bandwidth(workers: int, mib: int = 1024, repeats: int = 5) -> tuple[flo
     return rates[best], best + " (" + ", ".join(f"{h} {r / 1e9:.1f} GB/s" for h, r in rates.items()) + ")"
 
 
-def compiled_reader():
-    """("<n>-byte loads", buffer -> None): tide_read_bytes from the widest build this CPU runs (avx512f, avx2,
-    else scalar); RuntimeError where it cannot be built here."""
+def compiled_readers() -> dict[str, Callable[[torch.Tensor], int]]:
+    """{"<n>-byte loads, <s> stream(s)": buffer -> OR of its words}: tide_read_bytes from the widest build this CPU
+    runs (avx512f, avx2, else scalar); RuntimeError where it cannot be built here."""
     import ctypes
 
     from tide.experts.host_kernels import compile_library, cpu_features
@@ -56,9 +60,35 @@ def compiled_reader():
     offered = cpu_features()
     build, width = ("avx512f", 64) if "avx512f" in offered else ("avx2", 32) if "avx2" in offered else ("scalar", 8)
     library = compile_library(build)
-    library.tide_read_bytes.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    library.tide_read_bytes.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     library.tide_read_bytes.restype = ctypes.c_uint64
-    return f"{width}-byte loads", lambda buf: library.tide_read_bytes(buf.data_ptr(), buf.numel() * buf.element_size())
+    return {f"{width}-byte loads, {s} stream{'s' if s > 1 else ''}":
+            lambda buf, s=s: library.tide_read_bytes(buf.data_ptr(), buf.numel() * buf.element_size(), s)
+            for s in (1, 2, 4)}
+
+
+def fma_rate(workers: int, build: str, rounds: int = 20_000_000) -> float:
+    """Fused multiply-adds per second that `workers` threads reach together on the widest FMA lanes of `build`
+    (tide_fma_peak in host_kernel.c): the compute ceiling of the FMA GEMMs (avx2, avx512) and of torch's."""
+    import ctypes
+
+    from tide.experts.host_kernels import compile_library
+
+    library = compile_library(build)
+    library.tide_fma_peak.argtypes = [ctypes.c_int64]
+    lanes = library.tide_fma_peak(1000)
+    seconds = timed(lambda _: library.tide_fma_peak(rounds), [None] * workers, 3)
+    return workers * rounds * 12 * lanes / seconds
+
+
+def fma_build(kernel: str, offered: set[str]) -> str | None:
+    """The build whose FMA lanes bound `kernel` (torch: the widest this CPU has); None for the kernels that compute
+    on other units (AMX tiles, vdpbf16ps), whose ceiling this study does not measure."""
+    from tide.experts.host_kernels import KERNELS
+
+    if kernel == "torch":
+        return "avx512f" if "avx512f" in offered else "avx2" if "avx2" in offered else None
+    return KERNELS[kernel].build if KERNELS[kernel].build in ("avx2", "avx512f") else None
 
 
 def timed(reader, buffers: list[torch.Tensor], repeats: int) -> float:
@@ -89,14 +119,17 @@ def timed(reader, buffers: list[torch.Tensor], repeats: int) -> float:
 @click.option("--workers", type=int, default=None, help="Host-expert workers [default: the CLI's default].")
 @click.option("--tokens", default="1,2,4,8,32", show_default=True)
 @click.option("--misses", default="10,60", show_default=True, help="Host experts per layer-forward.")
-@click.option("--repeat", default=5, show_default=True)
+@click.option("--repeat", default=5, show_default=True, help="Timed layer-forwards per point (their median).")
+@click.option("--rounds", default=3, show_default=True,
+              help="Rounds of (read bandwidth, then every point); a cell is the median of its rounds' shares.")
 @click.option("--kernels", default="torch,amx-bf16,avx512,avx512-bf16,avx2", show_default=True,
               help="Host kernels to measure, each in the dtypes it computes (those that cannot run here are skipped).")
 @click.option("--out", default=None, help="Run directory (default: results/<date>-<host>-host-tier).")
-def main(workers: int | None, tokens: str, misses: str, repeat: int, kernels: str, out: str | None) -> None:
+def main(workers: int | None, tokens: str, misses: str, repeat: int, rounds: int, kernels: str,
+         out: str | None) -> None:
     from tide.calibrate import host_curve, machine_stamp
     from tide.config import default_cpu_threads
-    from tide.experts.host_kernels import KERNELS, host_kernel
+    from tide.experts.host_kernels import KERNELS, cpu_features, host_kernel
     from tide.hub import atomic_write, new_run_dir
 
     workers = workers or default_cpu_threads()
@@ -105,6 +138,9 @@ def main(workers: int | None, tokens: str, misses: str, repeat: int, kernels: st
     picks = {str(d).removeprefix("torch."): host_kernel("auto", d, *SHAPES["mini"])[1]
              for d in (torch.bfloat16, torch.float32)}
     bandwidth, how = read_bandwidth(workers)
+    offered = cpu_features()
+    builds = {fma_build(k, offered) for k in kernels.split(",") if k in KERNELS or k == "torch"}
+    peaks = {b: fma_rate(workers, b) for b in sorted(builds - {None}) if b in offered}  # builds named as features
     rows, skipped, yardsticks = [], [], []
     for shape, (H, I) in SHAPES.items():
         for dtype, name in [(d, k) for d in (torch.bfloat16, torch.float32) for k in kernels.split(",")]:
@@ -116,25 +152,42 @@ def main(workers: int | None, tokens: str, misses: str, repeat: int, kernels: st
                 skipped.append(str(why))
                 continue
             for miss in (int(m) for m in misses.split(",")):
-                # the yardstick beside each configuration: these VMs' read bandwidth drifts ~20% within a run
-                near = read_bandwidth(workers, repeats=3)[0]
-                yardsticks.append(near)
                 expert_bytes = 3 * H * I * dtype.itemsize
-                curve = host_curve(H, I, dtype, workers, token_list, repeat, kernel, experts=miss,
-                                   pool=-(-POOL_BYTES // expert_bytes))
-                for n, seconds in curve:
+                peak = peaks.get(fma_build(name, offered))
+                # Rounds of (yardstick, then the kernel) side by side: these VMs' read bandwidth drifts by 20-40%
+                # within seconds, so each round's shares use the bandwidth measured just before it, and a cell is the
+                # median of its rounds' shares.
+                per_round = []
+                for _ in range(rounds):
+                    near = read_bandwidth(workers, repeats=3)[0]
+                    yardsticks.append(near)
+                    curve = host_curve(H, I, dtype, workers, token_list, repeat, kernel, experts=miss,
+                                       pool=-(-POOL_BYTES // expert_bytes))
+                    per_round.append((near, dict(curve)))
+                for n in token_list:
+                    seconds = statistics.median(c[n] for _, c in per_round)
                     rate = expert_bytes * workers / seconds  # workers experts in flight at once
+                    shares = [expert_bytes * workers / c[n] / near for near, c in per_round]
+                    # each weight is n multiply-adds: at the FMA peak the weights stream at peak x itemsize / n
+                    fma_bound = peak * dtype.itemsize / n if peak else None
+                    roofs = [expert_bytes * workers / c[n] / min(near, fma_bound) for near, c in per_round] \
+                        if fma_bound else None
                     rows.append({"shape": shape, "dtype": str(dtype).removeprefix("torch."), "kernel": name,
-                                 "miss_set": miss, "tokens": n, "workers": workers, "s_per_expert_per_worker": seconds,
-                                 "weights_GBps": rate / 1e9, "read_GBps": near / 1e9,
-                                 "share_of_read_bw": rate / near})
+                                 "miss_set": miss, "tokens": n, "workers": workers, "rounds": rounds,
+                                 "s_per_expert_per_worker": seconds, "weights_GBps": rate / 1e9,
+                                 "read_GBps": statistics.median(near for near, _ in per_round) / 1e9,
+                                 "share_of_read_bw": statistics.median(shares),
+                                 "share_min": min(shares), "share_max": max(shares),
+                                 "fma_bound_GBps": fma_bound / 1e9 if fma_bound else None,
+                                 "share_of_roofline": statistics.median(roofs) if roofs else None})
                     print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
     atomic_write(run_dir / "host_tier.csv", lambda tmp: df.to_csv(tmp, index=False))
     stamp = machine_stamp("cpu", workers)
     env = {"command": "python -m tide.bench.host_tier " + " ".join(sys.argv[1:]), "machine": stamp,
            "workers": workers, "read_bandwidth_GBps": bandwidth / 1e9, "read_bandwidth_how": how, "auto": picks,
-           "read_bandwidth_beside_each_GBps": [round(y / 1e9, 2) for y in yardsticks]}
+           "read_bandwidth_beside_each_GBps": [round(y / 1e9, 2) for y in yardsticks],
+           "fma_peak_GMACps": {b: round(r / 1e9, 1) for b, r in peaks.items()}}
     atomic_write(run_dir / "env.json", json.dumps(env, indent=2))
     table = df.pivot_table(index=["shape", "dtype", "kernel", "miss_set"], columns="tokens",
                            values="share_of_read_bw")
@@ -142,19 +195,33 @@ def main(workers: int | None, tokens: str, misses: str, repeat: int, kernels: st
              f"Commit: {stamp['commit']}  ", f"Machine: CPU {stamp['cpu']}, torch {stamp['torch']}, {workers} "
              f"host-expert worker(s)", "",
              f"*Measured*: read bandwidth {bandwidth / 1e9:.1f} GB/s at the start ({workers} worker(s), each reading "
-             f"its own 1 GiB buffer; the faster of: {how}), and again beside each configuration, whose cells use "
-             f"that one (median {statistics.median(yardsticks) / 1e9:.1f}, range {min(yardsticks) / 1e9:.1f}-"
+             f"its own 1 GiB buffer; the fastest of: {how}), and again before each of {rounds} rounds of each "
+             f"configuration (median {statistics.median(yardsticks) / 1e9:.1f}, range {min(yardsticks) / 1e9:.1f}-"
              f"{max(yardsticks) / 1e9:.1f} GB/s). "
-             "Each cell: the host tier's weight bytes per second (experts "
+             "Each cell: the median over the rounds of the host tier's weight bytes per second (experts "
              "computed as the executor computes them: its workers, hand-off and staging, `miss_set` distinct experts "
              f"per layer-forward, n tokens each, cycling through {POOL_BYTES >> 30} GiB of experts so the weights "
-             "come from memory) over that bandwidth. Columns: tokens per expert.",
+             "come from memory) over the bandwidth measured just before; `host_tier.csv` has each cell's range over "
+             "the rounds. Columns: tokens per expert.",
+             "", "*Measured*: the FMA peak of the same workers together (tide_fma_peak, 12 independent chains): "
+             + (", ".join(f"{b} {r / 1e9:.1f} G multiply-adds/s" for b, r in peaks.items()) or "none measured")
+             + ". At n tokens each weight is n multiply-adds, so no FMA kernel streams weights faster than peak x "
+             "bytes per weight / n: the *roofline* is the lesser of that and the read bandwidth (the second table; "
+             "amx-bf16 and avx512-bf16 compute on other units and have none here).",
              "", *[f"`--host-kernel auto` here, {d}: {note}  " for d, note in picks.items()],
              *([""] + [f"Not measured: {s}" for s in sorted(set(skipped))] if skipped else []), "",
              "| shape | dtype | kernel | miss set | " + " | ".join(f"{n} tok" for n in table.columns) + " |",
              "|" + "---|" * (4 + len(table.columns))]
     for (shape, dtype, name, miss), values in table.iterrows():
         lines.append(f"| {shape} | {dtype} | {name} | {miss} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    roof = df.pivot_table(index=["shape", "dtype", "kernel", "miss_set"], columns="tokens",
+                          values="share_of_roofline") if df["share_of_roofline"].notna().any() else None
+    if roof is not None:
+        lines += ["", "Share of the roofline (the lesser of the read bandwidth and the FMA bound):", "",
+                  "| shape | dtype | kernel | miss set | " + " | ".join(f"{n} tok" for n in roof.columns) + " |",
+                  "|" + "---|" * (4 + len(roof.columns))]
+        for (shape, dtype, name, miss), values in roof.iterrows():
+            lines.append(f"| {shape} | {dtype} | {name} | {miss} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
     lines += ["", "Speed relative to torch's swiglu (same shape, dtype, miss set; > 1 is faster):", "",
               "| shape | dtype | kernel | miss set | " + " | ".join(f"{n} tok" for n in table.columns) + " |",
               "|" + "---|" * (4 + len(table.columns))]

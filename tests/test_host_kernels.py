@@ -251,16 +251,35 @@ def test_executor_shares_a_compiled_job_with_the_same_bits_as_expert_by_expert(t
 
 
 def test_the_read_bandwidth_loop_builds_and_reads_everything_on_every_host():
-    """The host-tier study's yardstick (tide_read_bytes) in every build this CPU runs, the scalar one everywhere:
-    it reads every byte (the OR of all words), so it cannot be optimised into reading less."""
+    """The host-tier study's yardstick (tide_read_bytes) in every build this CPU runs, the scalar one everywhere,
+    with 1, 2 and 4 streams: it reads every byte (the OR of all words, a set bit at the start, the middle and the
+    end of the last stream), so it cannot be optimised into reading less."""
     buf = torch.zeros(1 << 16, dtype=torch.int64)
-    buf[12345] = 1 << 40
-    buf[-1] = 3
+    buf[0], buf[12345], buf[-1] = 1 << 2, 1 << 40, 3
     offered = hk.cpu_features()
     runnable = ["scalar"] + [b for b, needs in (("avx2", "avx2"), ("avx512f", "avx512f"), ("avx512", "avx512-bf16"))
                              if needs in offered]
     for build in runnable:
         library = hk.compile_library(build)
-        library.tide_read_bytes.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        library.tide_read_bytes.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
         library.tide_read_bytes.restype = ctypes.c_uint64
-        assert library.tide_read_bytes(buf.data_ptr(), buf.numel() * 8) == (1 << 40) | 3, build
+        for streams in (1, 2, 4):
+            assert library.tide_read_bytes(buf.data_ptr(), buf.numel() * 8, streams) == (1 << 40) | 7, (build, streams)
+        assert library.tide_read_bytes(buf.data_ptr(), buf.numel() * 8, 3) == 0  # a stream count it does not take
+
+
+def test_the_fma_peak_loop_runs_in_every_build_and_names_its_lanes():
+    """The study's compute yardstick (tide_fma_peak): 16 fp32 lanes in the AVX-512F builds, 8 in avx2 and scalar;
+    and the kernels' FMA ceilings come from the build they run in (none for the AMX and vdpbf16ps kernels)."""
+    from tide.bench.host_tier import fma_build
+
+    offered = hk.cpu_features()
+    for build, needs, lanes in (("scalar", None, 8), ("avx2", "avx2", 8), ("avx512f", "avx512f", 16),
+                                ("avx512", "avx512-bf16", 16)):
+        if needs is None or needs in offered:
+            library = hk.compile_library(build)
+            library.tide_fma_peak.argtypes = [ctypes.c_int64]
+            assert library.tide_fma_peak(1000) == lanes, build
+    assert fma_build("avx2", offered) == "avx2" and fma_build("avx512", offered) == "avx512f"
+    assert fma_build("amx-bf16", offered) is None and fma_build("avx512-bf16", offered) is None
+    assert fma_build("torch", {"avx2", "avx512f"}) == "avx512f" and fma_build("torch", {"avx2"}) == "avx2"

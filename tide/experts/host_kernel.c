@@ -14,8 +14,9 @@
      the vector builds, so their results are the same bits: it tests the FMA kernels' logic on any machine.
    The GEMMs (`gemm` argument of tide_swiglu_bf16; tide_swiglu_f32 takes 0 or 3):
    - 0 and 3, FMA on 8 or 16 fp32 lanes: bf16 weights widened to fp32 in registers (even and odd elements of a
-     run of 16 or 32, by shift and mask), blocks of ROWS weight rows x up to TOKENS token rows of fp32
-     accumulators, the token rows pre-widened once per call in the same even/odd order;
+     run of 16 or 32, by shift and mask), blocks of weight rows x up to a few token rows of fp32 accumulators
+     (FMA_GEMM: the tiles per lane width), the token rows pre-widened once per call in the same even/odd order
+     into rows padded apart;
    - 1, AVX512-BF16 `vdpbf16ps`: blocks of four weight rows against up to six token rows;
    - 2, AMX tiles: 32 weight rows x 32 values loaded straight from the row-major weights against two groups of up
      to 16 token rows repacked in pairs.
@@ -23,7 +24,8 @@
    token groups (a block's later groups compute from L1, and without it memory would idle meanwhile).
    Why: at a few tokens per expert the host tier is a weight-streaming job; these read each weight once, from the
    host master as it lies, with no per-call repacking of the weights. H and I must be multiples of 32 (checked by
-   the caller). Single-threaded: the executor's workers give the parallelism. */
+   the caller). Single-threaded: the executor's workers give the parallelism. Also here, for the host-tier study:
+   tide_read_bytes (the read-bandwidth yardstick) and tide_fma_peak (the FMA GEMMs' compute yardstick). */
 
 #include <cpuid.h>
 #include <math.h>
@@ -126,6 +128,7 @@ static inline v8 v8_bf16_odd(const bf16_t *p) { /* p[1], p[3], ..., p[15] as fp3
     __m256i u = _mm256_loadu_si256((const __m256i *)p);
     return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
 }
+static inline void v8_keep(v8 *v) { __asm__("" : "+x"(*v)); } /* v stays in a register: not re-read from memory */
 static inline float v8_sum(v8 v) { /* ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)) */
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     __m128 h = _mm_add_ps(q, _mm_movehl_ps(q, q));
@@ -157,6 +160,7 @@ static inline v8 v8_scale2(v8 p, v8 n) {
 }
 static inline v8 v8_bf16_even(const bf16_t *p) { v8 r; LANES(r.f[l] = bf16_to_float(p[2 * l])); return r; }
 static inline v8 v8_bf16_odd(const bf16_t *p) { v8 r; LANES(r.f[l] = bf16_to_float(p[2 * l + 1])); return r; }
+static inline void v8_keep(v8 *v) { (void)v; }
 static inline float v8_sum(v8 v) {
     float q0 = v.f[0] + v.f[4], q1 = v.f[1] + v.f[5], q2 = v.f[2] + v.f[6], q3 = v.f[3] + v.f[7];
     return (q0 + q2) + (q1 + q3);
@@ -206,6 +210,7 @@ static inline v16 v16_bf16_even(const bf16_t *p) { /* p[0], p[2], ..., p[30] as 
 static inline v16 v16_bf16_odd(const bf16_t *p) { /* p[1], p[3], ..., p[31] as fp32 */
     return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32((int)0xffff0000u)));
 }
+static inline void v16_keep(v16 *v) { __asm__("" : "+v"(*v)); }
 static inline float v16_sum(v16 v) { /* v8_sum of (lanes 0-7 + lanes 8-15) */
     __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
     return v8_sum(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
@@ -217,6 +222,7 @@ static inline v16 v16_load(const float *p) { return (v16){v8_load(p), v8_load(p 
 static inline v16 v16_fma(v16 a, v16 b, v16 c) { return (v16){v8_fma(a.lo, b.lo, c.lo), v8_fma(a.hi, b.hi, c.hi)}; }
 static inline v16 v16_bf16_even(const bf16_t *p) { return (v16){v8_bf16_even(p), v8_bf16_even(p + 16)}; }
 static inline v16 v16_bf16_odd(const bf16_t *p) { return (v16){v8_bf16_odd(p), v8_bf16_odd(p + 16)}; }
+static inline void v16_keep(v16 *v) { v8_keep(&v->lo), v8_keep(&v->hi); }
 static inline float v16_sum(v16 v) { return v8_sum(v8_add(v.lo, v.hi)); }
 #endif
 
@@ -238,91 +244,107 @@ static inline const char *ahead(const char *next, int64_t block_bytes, int64_t g
     return next && g * step * k_steps < block_bytes ? next + g * step * k_steps : NULL;
 }
 
-/* One FMA GEMM per lane width V, named by its lane count L: per k step each of the block's ROWS weight rows is
-   widened once (even and odd halves held in registers) and each token row's two x vectors are loaded once, so a
-   step loads ROWS + 2 x tokens vectors for 2 x ROWS x tokens FMAs (v16: 4 x 5, 20 accumulators + 8 weight + 2 x
-   vectors in the 32 zmm registers; v8: 4 x 3, 12 + 8 + 2 vectors, more than the 16 ymm registers, measured faster
-   than 2 x 4 and 2 x 5, which fit):
-   - widen_L: xs [n, K] bf16 -> xw [n, K] fp32, each run of 2L values stored as its L even then its L odd elements
-     (the order in which the GEMM widens bf16 weights); K a multiple of 2L;
-   - block_bf16_L / block_f32_L: out[t, o0 + r] = sum_k w[o0 + r, k] x[t0 + t, k] for r < ROWS, t < tokens (a
-     compile-time constant), bf16 w against xw, or fp32 w against fp32 x;
-   - matmul_bf16_L / matmul_f32_L: out [n, O] fp32 = x [n, K] @ w[O, K]^T, O a multiple of ROWS, K of 2L; token rows
-     in groups of at most TOKENS of near-equal size inside each weight block, which is read from memory once and
-     reused from L1 by the later groups. */
-#define FMA_GEMM(V, L, ROWS, TOKENS)                                                                              \
+/* One FMA GEMM per lane width V, named by its lane count L: per k step each of the block's weight rows is widened
+   once (even and odd halves held in registers) and each token row's x vectors are loaded once, so a bf16 step loads
+   rows + 2 x tokens vectors for 2 x rows x tokens FMAs:
+   - widen_L: xs [n, K] bf16 -> xw [n, K + XPAD] fp32, each run of 2L values stored as its L even then its L odd
+     elements (the order in which the GEMM widens bf16 weights); copy_L: the same layout for fp32 x; K a multiple
+     of 2L. XPAD: token rows 2^k bytes apart would share L1 sets (and alias at 4 KB);
+   - block_bf16_L / block_f32_L: out[t, o0 + r] = sum_k w[o0 + r, k] x[t0 + t, k] for r < rows, t < tokens (both
+     compile-time constants), bf16 w against xw, or fp32 w against fp32 x. KEEP: an empty asm holds each x vector in
+     its register, where the compiler would otherwise re-read it as a memory operand of every FMA that uses it (the
+     v8 GEMM then issued more loads than FMAs);
+   - matmul_bf16_L / matmul_f32_L: out [n, O] fp32 = x [n, K] @ w[O, K]^T, O a multiple of 32, K of 2L; weight blocks
+     of ROWS rows (ROWS1 when n is 1, FROWS for fp32 weights), token rows in groups of at most TOKENS (FTOKENS) of
+     near-equal size inside each block, which is read from memory once and reused from L1 by the later groups.
+   Tiles: v16 4 x 5 (20 accumulators + 8 weight + 2 x vectors in the 32 zmm registers), its loop as measured on
+   AVX-512 hosts; v8 bf16 2 x 4 (8 + 4 + 2 + the odd mask: the 16 ymm registers; 4 x 3 spilled and, with KEEP and
+   XPAD, measured 10-20% slower at 4-8 tokens on a Zen 3 core), 4 rows for one token (4 accumulator chains in flight),
+   fp32 4 x 3 (no widening: 12 + 4 + 1 fit). */
+#define FMA_GEMM(V, L, ROWS, ROWS1, TOKENS, FROWS, FTOKENS, XPAD, KEEP)                                           \
     static void widen_##L(const bf16_t *xs, float *xw, int64_t n, int64_t K) {                                   \
-        for (int64_t j = 0; j < n * K; j += 2 * L)                                                               \
-            for (int l = 0; l < L; l++)                                                                          \
-                xw[j + l] = bf16_to_float(xs[j + 2 * l]), xw[j + L + l] = bf16_to_float(xs[j + 2 * l + 1]);       \
+        for (int64_t t = 0; t < n; t++)                                                                          \
+            for (int64_t j = 0; j < K; j += 2 * L)                                                               \
+                for (int l = 0; l < L; l++)                                                                      \
+                    xw[t * (K + XPAD) + j + l] = bf16_to_float(xs[t * K + j + 2 * l]),                           \
+                    xw[t * (K + XPAD) + j + L + l] = bf16_to_float(xs[t * K + j + 2 * l + 1]);                   \
+    }                                                                                                            \
+    static void copy_##L(const float *xs, float *xw, int64_t n, int64_t K) {                                     \
+        for (int64_t t = 0; t < n; t++) memcpy(xw + t * (K + XPAD), xs + t * K, sizeof(float) * K);              \
     }                                                                                                            \
     static inline __attribute__((always_inline)) void block_bf16_##L(                                           \
         const bf16_t *w, const float *xw, float *out, int64_t O, int64_t K, int64_t o0, int64_t t0,              \
-        const int tokens, const char *pre, int64_t step) {                                                       \
-        V acc[ROWS][TOKENS];                                                                                     \
-        for (int r = 0; r < ROWS; r++)                                                                           \
+        const int rows, const int tokens, const char *pre, int64_t step) {                                       \
+        V acc[ROWS > ROWS1 ? ROWS : ROWS1][TOKENS];                                                              \
+        for (int r = 0; r < rows; r++)                                                                           \
             for (int t = 0; t < tokens; t++) acc[r][t] = V##_zero();                                             \
-        const bf16_t *rows = w + o0 * K;                                                                         \
-        const float *xs = xw + t0 * K;                                                                           \
+        const bf16_t *ws = w + o0 * K;                                                                           \
+        const float *xs = xw + t0 * (K + XPAD);                                                                  \
         for (int64_t k = 0; k < K; k += 2 * L) {                                                                 \
             if (pre) prefetch(pre + k / (2 * L) * step, step);                                                   \
-            V even[ROWS], odd[ROWS];                                                                             \
-            for (int r = 0; r < ROWS; r++)                                                                       \
-                even[r] = V##_bf16_even(rows + r * K + k), odd[r] = V##_bf16_odd(rows + r * K + k);              \
+            V even[ROWS > ROWS1 ? ROWS : ROWS1], odd[ROWS > ROWS1 ? ROWS : ROWS1];                               \
+            for (int r = 0; r < rows; r++)                                                                       \
+                even[r] = V##_bf16_even(ws + r * K + k), odd[r] = V##_bf16_odd(ws + r * K + k);                  \
             for (int t = 0; t < tokens; t++) {                                                                   \
-                V xe = V##_load(xs + t * K + k), xo = V##_load(xs + t * K + k + L);                              \
-                for (int r = 0; r < ROWS; r++)                                                                   \
-                    acc[r][t] = V##_fma(odd[r], xo, V##_fma(even[r], xe, acc[r][t]));                            \
+                V xe = V##_load(xs + t * (K + XPAD) + k), xo = V##_load(xs + t * (K + XPAD) + k + L);            \
+                if (KEEP) V##_keep(&xe), V##_keep(&xo);                                                          \
+                for (int r = 0; r < rows; r++) acc[r][t] = V##_fma(odd[r], xo, V##_fma(even[r], xe, acc[r][t])); \
             }                                                                                                    \
         }                                                                                                        \
-        for (int r = 0; r < ROWS; r++)                                                                           \
+        for (int r = 0; r < rows; r++)                                                                           \
             for (int t = 0; t < tokens; t++) out[(t0 + t) * O + o0 + r] = V##_sum(acc[r][t]);                   \
     }                                                                                                            \
     static inline __attribute__((always_inline)) void block_f32_##L(                                            \
-        const float *w, const float *x, float *out, int64_t O, int64_t K, int64_t o0, int64_t t0,                \
-        const int tokens, const char *pre, int64_t step) {                                                       \
-        V acc[ROWS][TOKENS];                                                                                     \
-        for (int r = 0; r < ROWS; r++)                                                                           \
+        const float *w, const float *xw, float *out, int64_t O, int64_t K, int64_t o0, int64_t t0,               \
+        const int rows, const int tokens, const char *pre, int64_t step) {                                       \
+        V acc[FROWS][FTOKENS];                                                                                   \
+        for (int r = 0; r < rows; r++)                                                                           \
             for (int t = 0; t < tokens; t++) acc[r][t] = V##_zero();                                             \
-        const float *rows = w + o0 * K, *xs = x + t0 * K;                                                        \
+        const float *ws = w + o0 * K, *xs = xw + t0 * (K + XPAD);                                                \
         for (int64_t k = 0; k < K; k += L) {                                                                     \
             if (pre) prefetch(pre + k / L * step, step);                                                         \
-            V wv[ROWS];                                                                                          \
-            for (int r = 0; r < ROWS; r++) wv[r] = V##_load(rows + r * K + k);                                   \
+            V wv[FROWS];                                                                                         \
+            for (int r = 0; r < rows; r++) wv[r] = V##_load(ws + r * K + k);                                     \
             for (int t = 0; t < tokens; t++) {                                                                   \
-                V xv = V##_load(xs + t * K + k);                                                                 \
-                for (int r = 0; r < ROWS; r++) acc[r][t] = V##_fma(wv[r], xv, acc[r][t]);                        \
+                V xv = V##_load(xs + t * (K + XPAD) + k);                                                        \
+                if (KEEP) V##_keep(&xv);                                                                         \
+                for (int r = 0; r < rows; r++) acc[r][t] = V##_fma(wv[r], xv, acc[r][t]);                        \
             }                                                                                                    \
         }                                                                                                        \
-        for (int r = 0; r < ROWS; r++)                                                                           \
+        for (int r = 0; r < rows; r++)                                                                           \
             for (int t = 0; t < tokens; t++) out[(t0 + t) * O + o0 + r] = V##_sum(acc[r][t]);                   \
     }                                                                                                            \
-    FMA_MATMUL(matmul_bf16_##L, bf16_t, float, block_bf16_##L, 2 * L, ROWS, TOKENS)                              \
-    FMA_MATMUL(matmul_f32_##L, float, float, block_f32_##L, L, ROWS, TOKENS)
+    FMA_MATMUL(matmul_bf16_##L, bf16_t, block_bf16_##L, 2 * L, ROWS, ROWS1, TOKENS)                              \
+    FMA_MATMUL(matmul_f32_##L, float, block_f32_##L, L, FROWS, FROWS, FTOKENS)
 
-#define FMA_MATMUL(name, wtype, xtype, block, KSTEP, ROWS, TOKENS)                                               \
-    static void name(const wtype *w, const xtype *x, float *out, int64_t n, int64_t O, int64_t K) {             \
-        int64_t groups = (n + TOKENS - 1) / TOKENS, size = (n + groups - 1) / groups;                           \
-        int64_t block_bytes = ROWS * K * (int64_t)sizeof(wtype), steps = K / (KSTEP);                           \
+#define FMA_MATMUL(name, wtype, block, KSTEP, ROWS, ROWS1, TOKENS)                                               \
+    static void name(const wtype *w, const float *xw, float *out, int64_t n, int64_t O, int64_t K) {            \
+        int64_t groups = (n + TOKENS - 1) / TOKENS, size = (n + groups - 1) / groups, rows = n == 1 ? ROWS1 : ROWS; \
+        int64_t block_bytes = rows * K * (int64_t)sizeof(wtype), steps = K / (KSTEP);                           \
         int64_t step = ahead_step(block_bytes, groups, steps);                                                   \
-        for (int64_t o0 = 0; o0 < O; o0 += ROWS) {                                                             \
-            const char *next = o0 + ROWS < O ? (const char *)(w + (o0 + ROWS) * K) : NULL;                       \
+        for (int64_t o0 = 0; o0 < O; o0 += rows) {                                                             \
+            const char *next = o0 + rows < O ? (const char *)(w + (o0 + rows) * K) : NULL;                       \
+            if (n == 1 && ROWS1 != ROWS) { /* one token: the GEMV's wider block */                               \
+                block(w, xw, out, O, K, o0, 0, ROWS1, 1, ahead(next, block_bytes, 0, step, steps), step);        \
+                continue;                                                                                        \
+            }                                                                                                    \
             for (int64_t t0 = 0, g = 0; t0 < n; t0 += size, g++) {                                              \
                 int64_t tokens = n - t0 < size ? n - t0 : size;                                                  \
                 const char *pre = ahead(next, block_bytes, g, step, steps);                                      \
                 switch (tokens) { /* each case a compile-time token count, at most TOKENS */                     \
-                    case 1: block(w, x, out, O, K, o0, t0, 1, pre, step); break;                                 \
-                    case 2: block(w, x, out, O, K, o0, t0, 2 < TOKENS ? 2 : TOKENS, pre, step); break;           \
-                    case 3: block(w, x, out, O, K, o0, t0, 3 < TOKENS ? 3 : TOKENS, pre, step); break;           \
-                    case 4: block(w, x, out, O, K, o0, t0, 4 < TOKENS ? 4 : TOKENS, pre, step); break;           \
-                    default: block(w, x, out, O, K, o0, t0, TOKENS, pre, step); break;                           \
+                    case 1: block(w, xw, out, O, K, o0, t0, ROWS, 1, pre, step); break;                          \
+                    case 2: block(w, xw, out, O, K, o0, t0, ROWS, 2 < TOKENS ? 2 : TOKENS, pre, step); break;    \
+                    case 3: block(w, xw, out, O, K, o0, t0, ROWS, 3 < TOKENS ? 3 : TOKENS, pre, step); break;    \
+                    case 4: block(w, xw, out, O, K, o0, t0, ROWS, 4 < TOKENS ? 4 : TOKENS, pre, step); break;    \
+                    default: block(w, xw, out, O, K, o0, t0, ROWS, TOKENS, pre, step); break;                    \
                 }                                                                                                \
             }                                                                                                    \
         }                                                                                                        \
     }
 
-FMA_GEMM(v8, 8, 4, 3)
-FMA_GEMM(v16, 16, 4, 5)
+FMA_GEMM(v8, 8, 2, 4, 4, 4, 3, 16, 1)
+FMA_GEMM(v16, 16, 4, 4, 5, 4, 5, 0, 0)
+#define XPAD_MAX 16 /* the larger XPAD above */
 
 /* ---- GEMMs 1 and 2: AVX512-BF16 and AMX (avx512 build only) ------------------------------------------------- */
 
@@ -460,35 +482,83 @@ static void matmul_amx(const bf16_t *w, const bf16_t *x, float *out, int64_t n, 
 
 /* ---- read bandwidth ------------------------------------------------------------------------------------------- */
 
-/* Reads `bytes` (a multiple of 512, 64-byte aligned) with eight independent streams of the widest loads of this
-   build (64, 32 or 8 bytes) and returns their OR: the read bandwidth one thread reaches, the yardstick of
-   python -m tide.bench.host_tier. */
-uint64_t tide_read_bytes(const void *p, int64_t bytes) {
+/* Reads `bytes` (a multiple of 512 x streams, 64-byte aligned) as `streams` (1, 2 or 4) equal parts read side by
+   side, with eight independent accumulators of the widest loads of this build (64, 32 or 8 bytes), and returns their
+   OR: the read bandwidth one thread reaches, the yardstick of python -m tide.bench.host_tier (which takes the
+   fastest stream count: a GEMM block reads several weight rows side by side, and on a Zen 3 core two or four
+   streams read 5-10% faster than one). Returns 0 for a stream count it does not take. */
 #if defined(__AVX512F__)
-    const __m512i *v = (const __m512i *)p;
-    __m512i acc[8];
-    for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_si512();
-    for (int64_t i = 0; i + 8 <= bytes / 64; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] = _mm512_or_si512(acc[j], _mm512_load_si512(v + i + j));
-    for (int j = 1; j < 8; j++) acc[0] = _mm512_or_si512(acc[0], acc[j]);
-    return (uint64_t)_mm512_reduce_or_epi64(acc[0]);
+typedef __m512i word_t;
+#define WORD_ZERO() _mm512_setzero_si512()
+#define WORD_OR(a, p) _mm512_or_si512(a, _mm512_load_si512(p))
+static uint64_t word_fold(word_t v) { return (uint64_t)_mm512_reduce_or_epi64(v); }
 #elif defined(__AVX2__)
-    const __m256i *v = (const __m256i *)p;
-    __m256i acc[8];
-    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_si256();
-    for (int64_t i = 0; i + 8 <= bytes / 32; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] = _mm256_or_si256(acc[j], _mm256_load_si256(v + i + j));
-    for (int j = 1; j < 8; j++) acc[0] = _mm256_or_si256(acc[0], acc[j]);
-    __m128i q = _mm_or_si128(_mm256_castsi256_si128(acc[0]), _mm256_extracti128_si256(acc[0], 1));
+typedef __m256i word_t;
+#define WORD_ZERO() _mm256_setzero_si256()
+#define WORD_OR(a, p) _mm256_or_si256(a, _mm256_load_si256(p))
+static uint64_t word_fold(word_t v) {
+    __m128i q = _mm_or_si128(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     return (uint64_t)_mm_cvtsi128_si64(q) | (uint64_t)_mm_extract_epi64(q, 1);
+}
 #else
-    const uint64_t *v = (const uint64_t *)p;
-    uint64_t acc[8] = {0};
-    for (int64_t i = 0; i + 8 <= bytes / 8; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] |= v[i + j];
-    for (int j = 1; j < 8; j++) acc[0] |= acc[j];
-    return acc[0];
+typedef uint64_t word_t;
+#define WORD_ZERO() 0
+#define WORD_OR(a, p) ((a) | *(p))
+static uint64_t word_fold(word_t v) { return v; }
 #endif
+
+static inline __attribute__((always_inline)) uint64_t read_streams(const word_t *v, int64_t words, const int streams) {
+    word_t acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = WORD_ZERO();
+    const int64_t part = words / streams, each = 8 / streams; /* words per stream; loads per stream per round */
+    for (int64_t i = 0; i + each <= part; i += each)
+        for (int s = 0; s < streams; s++)
+            for (int j = 0; j < each; j++) acc[s * each + j] = WORD_OR(acc[s * each + j], v + s * part + i + j);
+    for (int j = 1; j < 8; j++) acc[0] = acc[0] | acc[j];
+    return word_fold(acc[0]);
+}
+
+uint64_t tide_read_bytes(const void *p, int64_t bytes, int streams) {
+    const word_t *v = (const word_t *)p;
+    int64_t words = bytes / (int64_t)sizeof(word_t);
+    switch (streams) {
+        case 1: return read_streams(v, words, 1);
+        case 2: return read_streams(v, words, 2);
+        case 4: return read_streams(v, words, 4);
+        default: return 0;
+    }
+}
+
+/* The compute yardstick of the FMA GEMMs: `rounds` x 12 independent fused multiply-adds on the widest lanes of this
+   build (16 fp32 lanes with AVX-512F, else 8: ymm with AVX2, fmaf in the scalar build), 12 chains so the FMA units,
+   not the FMA latency, limit it. Returns the lanes per FMA (the caller times the call: multiply-adds per second). */
+int tide_fma_peak(int64_t rounds) {
+#if defined(__AVX512F__)
+    typedef v16 lane_t;
+#define LANES_ZERO v16_zero
+#define LANES_FMA v16_fma
+#define LANES_KEEP v16_keep
+    const int lanes = 16;
+    float b16[16];
+    for (int j = 0; j < 16; j++) b16[j] = 0.999f;
+    lane_t b = v16_load(b16);
+#else
+    typedef v8 lane_t;
+#define LANES_ZERO v8_zero
+#define LANES_FMA v8_fma
+#define LANES_KEEP v8_keep
+    const int lanes = 8;
+    lane_t b = v8_set1(0.999f);
+#endif
+    lane_t acc[12];
+    for (int j = 0; j < 12; j++) acc[j] = LANES_ZERO();
+    for (int64_t i = 0; i < rounds; i++)
+        for (int j = 0; j < 12; j++) acc[j] = LANES_FMA(acc[j], b, b);
+    for (int j = 0; j < 12; j++) LANES_KEEP(&acc[j]); /* the sums are used: the loop cannot be dropped */
+    return lanes;
+#undef LANES_ZERO
+#undef LANES_FMA
+#undef LANES_KEEP
 }
 
 /* ---- the expert ------------------------------------------------------------------------------------------------ */
@@ -548,7 +618,8 @@ int tide_swiglu_bf16(const bf16_t *x, const bf16_t *gate_up, const bf16_t *down,
     if (n <= 0) return 0;
     size_t wide = (size_t)(H > I ? H : I) * n, sizes[5] = {
         span(sizeof(float) * n * 2 * I), span(sizeof(float) * n * H), span(sizeof(bf16_t) * n * I),
-        gemm == 0 || gemm == 3 ? span(sizeof(float) * wide) : gemm == 2 ? span(sizeof(bf16_t) * wide) : 0,
+        gemm == 0 || gemm == 3 ? span(sizeof(float) * ((H > I ? H : I) + XPAD_MAX) * n)
+                               : gemm == 2 ? span(sizeof(bf16_t) * wide) : 0,
         gemm == 2 ? span(sizeof(float) * 32 * 16) : 0};
     char *base = scratch(sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4]);
     if (!base) return 1;
@@ -583,17 +654,20 @@ int tide_swiglu_f32(const float *x, const float *gate_up, const float *down, flo
                     int64_t I, int gemm) {
     if (gemm != 0 && gemm != 3) return 2;
     if (n <= 0) return 0;
-    size_t sizes[2] = {span(sizeof(float) * n * 2 * I), span(sizeof(float) * n * I)};
-    char *base = scratch(sizes[0] + sizes[1]);
+    size_t sizes[3] = {span(sizeof(float) * n * 2 * I), span(sizeof(float) * n * I),
+                       span(sizeof(float) * ((H > I ? H : I) + XPAD_MAX) * n)};
+    char *base = scratch(sizes[0] + sizes[1] + sizes[2]);
     if (!base) return 1;
-    float *h = (float *)base, *a = (float *)(base + sizes[0]);
-    (gemm ? matmul_f32_16 : matmul_f32_8)(gate_up, x, h, n, 2 * I, H);
+    float *h = (float *)base, *a = (float *)(base + sizes[0]), *xw = (float *)(base + sizes[0] + sizes[1]);
+    if (gemm) copy_16(x, xw, n, H), matmul_f32_16(gate_up, xw, h, n, 2 * I, H);
+    else copy_8(x, xw, n, H), matmul_f32_8(gate_up, xw, h, n, 2 * I, H);
     for (int64_t t = 0; t < n; t++)
         for (int64_t i = 0; i < I; i += 8) {
             v8 s = v8_silu(v8_load(h + t * 2 * I + i));
             v8_store(a + t * I + i, v8_mul(s, v8_load(h + t * 2 * I + I + i)));
         }
-    (gemm ? matmul_f32_16 : matmul_f32_8)(down, a, y, n, H, I);
+    if (gemm) copy_16(a, xw, n, I), matmul_f32_16(down, xw, y, n, H, I);
+    else copy_8(a, xw, n, I), matmul_f32_8(down, xw, y, n, H, I);
     scratch_done();
     return 0;
 }
