@@ -159,8 +159,10 @@ def markdown(bench: pd.DataFrame, proj: pd.DataFrame | None, card: list[str], co
                    "show the cost model at this expert size, not the paper's speed-up."
                    if bench.model.astype(str).str.endswith("-random").any() else ""), ""]
         for machine, grp in proj.groupby("machine", sort=False):
-            cols = ["variant", "budget", "slots_per_layer", "regime", "expert_s", "io_s", "cpu_s", "bytes_h2d",
-                    "gpu_hit_ratio", "oracle_s", "fraction_of_bound", "refresh_interval"]
+            several = "batch_size" in grp and grp.batch_size.nunique() > 1  # which batch size each row replays
+            cols = ["variant", "budget", "slots_per_layer", "regime", *(["batch_size"] if several else []),
+                    "expert_s", "io_s", "cpu_s", "bytes_h2d", "gpu_hit_ratio", "oracle_s", "fraction_of_bound",
+                    "refresh_interval"]
             out += [f"### {machine} ({grp.kind.iloc[0]})", "", table(grp[cols]), ""]
     return "\n".join(out) + "\n"
 

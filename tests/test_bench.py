@@ -57,6 +57,9 @@ def test_report_and_checks(sweep, tmp_path):
     assert set(proj.kind.str.startswith("modelled")) == {True}
     md = report.markdown(bench, proj, ["card line"], "tide bench --test")
     assert "## Measured" in md and "## Modelled projections" in md and "Where a baseline beats TIDE" in md
+    assert "| batch_size" not in md.split("## Modelled projections")[1]  # one batch size: no column
+    two = pd.concat([proj, proj.assign(batch_size=4)])  # rows of two batch sizes say which is which
+    assert "| batch_size" in report.markdown(bench, two, ["card line"], "t").split("## Modelled projections")[1]
     report.plot(bench, tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 1000
     assert check(bench, context, cost) == []
