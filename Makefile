@@ -25,6 +25,8 @@ EVAL_ARGS ?=
 # make reproduce: the paper's MBPP experiment (MODEL=DIR, a local LLaDA2.0 checkpoint); without MODEL, the
 # same pipeline on the built-in model and task. REPRODUCE_ARGS e.g. "--data sanitized-mbpp.json --limit 50".
 REPRODUCE_ARGS ?=
+# NPROC=N: eval and reproduce data parallel, N processes on this machine (one per GPU; README, "Many GPUs").
+NPROC ?=
 
 .PHONY: venv test bench bench-check microbench eval reproduce gpu-check soak lint loc clean
 
@@ -48,10 +50,10 @@ bench-check: venv
 	$(BIN)/tide --threads 1 bench --model preset:tiny --budgets 25% --repeat 1 --gen-length 64 --batch-sizes 1,4 --projections "" --check --out .cache/bench-check
 
 eval: venv
-	$(BIN)/tide $(if $(THREADS),--threads $(THREADS)) eval $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) --limit $(EVAL_LIMIT) --check-lossless $(EVAL_ARGS)
+	$(BIN)/tide $(if $(THREADS),--threads $(THREADS)) eval $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) --limit $(EVAL_LIMIT) --check-lossless $(if $(NPROC),--nproc $(NPROC)) $(EVAL_ARGS)
 
 reproduce: venv
-	$(BIN)/tide $(if $(THREADS),--threads $(THREADS)) reproduce $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) $(REPRODUCE_ARGS)
+	$(BIN)/tide $(if $(THREADS),--threads $(THREADS)) reproduce $(if $(MODEL),--model $(MODEL)) --device $(DEVICE) --dtype $(DTYPE) $(if $(NPROC),--nproc $(NPROC)) $(REPRODUCE_ARGS)
 
 # The CUDA checks on a bare GPU machine, with its own Python (no venv, no network): see bench/gpu_check.py.
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)

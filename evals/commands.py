@@ -43,8 +43,16 @@ def shared_options(f):
                      help="Seed of sampling and Monte Carlo draws."),
         click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Generation requests per forward (continuous batching; each request gets the tokens it "
-                          "gets alone, up to GEMM rounding); 1 is the paper's setting. Likelihoods run one at a "
-                          "time."),
+                          "gets alone, up to GEMM rounding), and log-likelihood copies per forward; 1 is the "
+                          "paper's setting."),
+        click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Data-parallel processes on this machine, one engine each (one per GPU; on a machine "
+                          "without one, CPU slices): the command starts itself through torch.distributed.run "
+                          "(torchrun's --nproc-per-node). Rank 0 writes the one results directory. For several "
+                          "machines run torchrun yourself (README, \"Many GPUs\")."),
+        click.option("--shm-dir", type=click.Path(file_okay=False), default=None,
+                     help="Where the ranks of one machine share one host master (a tmpfs; default $TIDE_SHM_DIR, "
+                          "else /dev/shm). Used with several ranks per machine."),
         click.option("--profile", type=click.Path(dir_okay=False), default=None,
                      help="Hardware profile for TIDE's planner (default: a quick calibration)."),
         click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -88,6 +96,8 @@ def eval_command(**kw) -> None:
     require_eval_extra("tide eval")
     from tide.evals.harness import EvalSpec, run_eval
 
+    if started_ranks(kw.pop("nproc")):
+        return
     for name in ("policies", "budgets", "regimes", "tasks"):
         kw[name] = _csv(kw[name])
     bad = [r for r in kw["regimes"] if r not in REGIMES]
@@ -103,6 +113,8 @@ def eval_command(**kw) -> None:
     spec = EvalSpec(decode=decode_flags(kw), command=shlex.join(["tide", *sys.argv[1:]]),
                     **{k: v for k, v in kw.items() if v is not None})
     summary = run_eval(spec)[0]
+    if summary["out"] is None:  # a data-parallel rank other than 0: rank 0 prints and writes
+        return
     click.echo((Path(summary["out"]) / "eval.md").read_text())
     click.echo(json.dumps(summary))
     if check and summary["lossy"]:
@@ -127,6 +139,8 @@ def reproduce_command(**kw) -> None:
     pipeline, not of the paper's numbers).
     """
     require_eval_extra("tide reproduce")
+    if started_ranks(kw.pop("nproc")):
+        return
     from tide.config import ModelConfig
     from tide.evals.reproduce import paper_model, reproduce_spec, run_reproduce
     from tide.hub import resolve_model
@@ -139,8 +153,26 @@ def reproduce_command(**kw) -> None:
     spec = reproduce_spec(str(path), cfg, _has_chat_template(path), builtin, decode_flags(kw), **lists, **kw)
     spec.command = shlex.join(["tide", *sys.argv[1:]])
     summary = run_reproduce(spec, paper_model(cfg))
+    if summary["report"] is None:  # a data-parallel rank other than 0
+        return
     click.echo(Path(summary["report"]).read_text())
     click.echo(json.dumps(summary))
+
+
+def started_ranks(nproc: int) -> bool:
+    """With --nproc N > 1 outside a launcher: run this command again as N ranks under torch.distributed.run and
+    exit with its code (True: done here). Under a launcher (WORLD_SIZE set), --nproc N must match it."""
+    from tide.evals.distributed import from_env, relaunch
+
+    group = from_env()
+    if group.active:
+        if nproc not in (1, group.local_world_size):
+            raise click.UsageError(f"--nproc {nproc}, but the launcher started {group.local_world_size} processes "
+                                   "on this machine: give one or the other")
+        return False
+    if nproc == 1:
+        return False
+    sys.exit(relaunch(nproc, sys.argv[1:]))
 
 
 def _has_chat_template(path) -> bool:

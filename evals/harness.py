@@ -10,6 +10,12 @@ run's; requests.csv holds every request's tokens, seconds, forwards and traffic.
 differ is flagged LOSSY. Files are rewritten after every run (temp + rename),
 so an interrupted evaluation keeps the runs that finished; lm-eval's own results and samples files are written
 by its EvaluationTracker under lm_eval/<run>/.
+
+Data parallel (`--nproc N`, or started by torchrun / accelerate launch: evals/distributed.py): every rank loads
+its engine on its own device and runs the same sequence of runs; lm-eval shards each run's requests by rank and
+gathers its metrics and samples to rank 0; the harness gathers the per-request records (outputs, stats, rank) and
+rank 0 alone compares, writes and prints. Throughput: tokens/s of the whole run is its tokens over the slowest
+rank's seconds, beside each rank's own.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 import pandas as pd
 
 from tide.config import DecodeConfig
+from tide.evals.distributed import ONE, Group, all_gather_object, join, rank_device, shared_master
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 OUR_TASKS = ("tide_arith", "tide_arith_mc", "tide_humaneval", "tide_mbpp_sanitized")
@@ -51,6 +58,7 @@ class EvalSpec:
     mc_samples: int | None = None
     seed: int = 0
     batch_size: int = 1  # generation requests per forward (TideLM's batch_size)
+    shm_dir: str | None = None  # where the local ranks share one host master (evals/distributed.py)
     device: str = "cpu"
     dtype: str | None = None
     cpu_threads: int = 1
@@ -158,9 +166,12 @@ def run_eval(spec: EvalSpec, on_run=None) -> tuple[dict[str, Any], list[dict], d
     model = resolve_model(spec.model, notes)
     manager = task_manager(spec.include_path, spec.data)
     check_tasks(manager, spec.tasks)
-    run_dir = Path(spec.out) if spec.out_claimed else new_run_dir(spec.out, "eval")
-    engine = load(model, policy="full-offload", gpu_budget=spec.budgets[0], device=spec.device, dtype=spec.dtype,
-                  cpu_threads=spec.cpu_threads)
+    group = join(spec.device)
+    lead = group.rank == 0  # the one rank that writes
+    run_dir = None if not lead else Path(spec.out) if spec.out_claimed else new_run_dir(spec.out, "eval")
+    engine = load(model, policy="full-offload", gpu_budget=spec.budgets[0], device=rank_device(spec.device, group),
+                  dtype=spec.dtype, cpu_threads=spec.cpu_threads,
+                  host_master=shared_master(group, model, spec.dtype, spec.shm_dir))
     notes += engine.notes
     fits, why = all_resident_fits(engine)
     against, why = choose_against(spec, fits, why)
@@ -168,13 +179,15 @@ def run_eval(spec: EvalSpec, on_run=None) -> tuple[dict[str, Any], list[dict], d
     if "reference" in spec.policies and not fits:
         runs = [r for r in runs if r.policy != "reference"]
         notes.append(f"reference skipped: {why}")
-    header = run_header(spec, model, against, why, notes)
+    header = run_header(spec, model, against, why, notes, group.world_size)
     comparison: dict[str, dict] = {}  # regime -> outputs of the comparison run
     against_rows: dict[str, dict] = {}  # regime -> its rows, by (task, metric)
     table: list[dict] = []
     requests: list[dict] = []  # one row per request of every run (requests.csv)
     for run in runs:
-        lm = evaluate_run(spec, engine, run, manager, model, run_dir)
+        lm = evaluate_run(spec, engine, run, manager, model, run_dir if lead else None, group)
+        if not lead:
+            continue
         if getattr(lm, "tier_note", None):
             notes.append(f"{run.slug}: {lm.tier_note}")  # header["notes"] is this list
         outputs = outputs_of(lm)
@@ -186,18 +199,22 @@ def run_eval(spec: EvalSpec, on_run=None) -> tuple[dict[str, Any], list[dict], d
             against_rows[run.regime] = {(r["task"], r["metric"]): r for r in new}
         table += new
         requests += [{"policy": run.policy, "budget": run.budget, "regime": run.regime, "task": x["task"],
-                      "doc_id": x["doc_id"], "idx": x["idx"], "kind": x["kind"], **x["stats"]} for x in lm.records]
+                      "doc_id": x["doc_id"], "idx": x["idx"], "kind": x["kind"], "rank": x.get("rank", 0),
+                      **x["stats"]} for x in lm.records]
         write(table, requests, header, run_dir)
         if on_run:
             on_run(run, table)
         del lm
     engine.executor.close()
     lossy = sorted({f"{r['policy']}@{r['budget']}/{r['regime']}" for r in table if r["lossless"] is False})
-    return {"out": str(run_dir), "rows": len(table), "against": against, "lossy": lossy}, table, header
+    summary = {"out": str(run_dir) if lead else None, "rows": len(table), "against": against, "lossy": lossy}
+    return {**summary, "rank": group.rank, "ranks": group.world_size}, table, header
 
 
-def evaluate_run(spec: EvalSpec, engine, run: Run, manager, model: Path, run_dir: Path):
-    """One lm-eval pass of `run` over the shared engine; lm-eval's results (and samples) under lm_eval/<run>/."""
+def evaluate_run(spec: EvalSpec, engine, run: Run, manager, model: Path, run_dir: Path | None,
+                 group: Group = ONE):
+    """One lm-eval pass of `run` over the shared engine; lm-eval's results (and samples) under lm_eval/<run>/.
+    Under several ranks, rank 0 gets every rank's records (the others return theirs: they write nothing)."""
 
 
     options: dict[str, Any] = {}
@@ -215,24 +232,29 @@ def evaluate_run(spec: EvalSpec, engine, run: Run, manager, model: Path, run_dir
     recording = hasattr(engine.executor, "host_log")  # the accelerate peer has no host tier
     if recording:
         engine.executor.host_log = []  # every layer-forward's host experts, for the tier-matched replay
-    lm, results = lm_eval_pass(spec, engine, run, manager, model, str(run_dir / "lm_eval" / run.slug))
+    lm, results = lm_eval_pass(spec, engine, run, manager, model,
+                               str(run_dir / "lm_eval" / run.slug) if run_dir else None, group, logged=True)
     host_log = engine.executor.host_log if recording else []
     if recording:
         engine.executor.host_log = None
-    lm.results, lm.tier_matched = results["results"], None
-    if any(cpu for _, cpu in host_log):  # level b: the same requests with the same host sets, every other expert
-        from tide.baselines.tier_matched import TierMismatch  # on the device tier
+    lm.results, lm.tier_matched = (results or {}).get("results"), None
+    if any(group_any(group, any(cpu for _, cpu in host_log))):  # level b: the same requests with the same host
+        from tide.baselines.tier_matched import TierMismatch  # sets, every other expert on the device tier
 
         engine.configure("tier-matched", budget or spec.budgets[0], host_log=host_log)
         try:
-            lm.tier_matched = outputs_of(lm_eval_pass(spec, engine, run, manager, model, None)[0])
+            lm.tier_matched = outputs_of(lm_eval_pass(spec, engine, run, manager, model, None, group)[0])
         except TierMismatch as err:  # outputs differ so much that the routing did: no sample can match
             lm.tier_matched, lm.tier_note = {}, str(err)
     return lm
 
 
-def lm_eval_pass(spec: EvalSpec, engine, run: Run, manager, model: Path, output_path: str | None):
-    """lm-eval's simple_evaluate over the engine as configured; its results (and samples) under output_path."""
+def lm_eval_pass(spec: EvalSpec, engine, run: Run, manager, model: Path, output_path: str | None,
+                 group: Group = ONE, logged: bool = False):
+    """lm-eval's simple_evaluate over the engine as configured; its results (and samples) under output_path. Under
+    several ranks lm-eval's results are rank 0's (None elsewhere), and rank 0's lm holds every rank's records.
+    `logged`: this pass logs samples (with --log-samples), the same on every rank, whatever writes them: lm-eval
+    gathers the samples only where it logs them, and ranks that differ would pair different collectives."""
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
 
@@ -240,21 +262,39 @@ def lm_eval_pass(spec: EvalSpec, engine, run: Run, manager, model: Path, output_
 
     extra = {"mc_samples": spec.mc_samples} if spec.mc_samples else {}
     lm = TideLM(str(model), policy=run.policy, engine=engine, decode_from="model", seed=spec.seed,
-                batch_size=spec.batch_size, **{**spec.decode, "regime": run.regime}, **extra)
+                batch_size=spec.batch_size, group=group, **{**spec.decode, "regime": run.regime}, **extra)
     tracker = EvaluationTracker(output_path=output_path) if output_path else None
     results = simple_evaluate(model=lm, model_args=f"pretrained={model.name},policy={run.policy},"
                               f"gpu_budget={run.budget},regime={run.regime}", tasks=list(spec.tasks),
-                              task_manager=manager, limit=spec.limit, log_samples=spec.log_samples and tracker,
+                              task_manager=manager, limit=spec.limit, log_samples=bool(spec.log_samples and logged),
                               evaluation_tracker=tracker, apply_chat_template=spec.apply_chat_template,
                               confirm_run_unsafe_code=spec.confirm_unsafe_code, bootstrap_iters=1000,
                               random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed,
                               fewshot_random_seed=spec.seed)
+    if group.active:
+        lm.records = merge_records(lm.gather_object([{**x, "rank": group.rank} for x in lm.records]))
+    if results is None:  # not rank 0
+        return lm, None
     samples = results.pop("samples", None)
     if tracker is not None:
         tracker.save_results_aggregated(results=results, samples=samples)
         for task in results.get("configs", {}) if samples else ():
             tracker.save_results_samples(task_name=task, samples=samples[task])
     return lm, results
+
+
+def merge_records(parts: list[list[dict]] | None) -> list[dict]:
+    """Every rank's records (rank 0; [] elsewhere), in (task, doc, idx, kind) order, once each: lm-eval pads a
+    rank short of requests with copies of its last one, whose outputs are the same."""
+    seen: dict[tuple, dict] = {}
+    for rec in (r for part in parts or [] for r in part):
+        seen.setdefault((rec["task"], rec["doc_id"], rec["idx"], rec["kind"]), rec)
+    return [seen[k] for k in sorted(seen, key=lambda k: (str(k[0]), k[1] if k[1] is not None else -1, k[2], k[3]))]
+
+
+def group_any(group: Group, flag: bool) -> list[bool]:
+    """`flag` of every rank (so every rank takes the same branch and runs the same collectives)."""
+    return all_gather_object(flag, group)
 
 
 def outputs_of(lm) -> dict[tuple, Any]:
@@ -279,7 +319,12 @@ def rows(run: Run, lm, against_outputs: dict[tuple, Any], against: str, is_compa
         tier = lm.tier_matched
         tier_same = [tier.get(k) == mine[k] for k in keys] if tier is not None else []
         gen = [x["stats"] for x in recs if x["kind"] == "generate"]
-        tokens, seconds = sum(s["generated_tokens"] for s in gen), sum(s["seconds"] for s in gen)
+        ranks = sorted({x.get("rank", 0) for x in recs})  # in parallel: the run lasts as long as its slowest rank
+        tokens = sum(s["generated_tokens"] for s in gen)
+        by_rank = {r: [x["stats"] for x in recs if x["kind"] == "generate" and x.get("rank", 0) == r] for r in ranks}
+        rank_s = {r: sum(s["seconds"] for s in v) for r, v in by_rank.items()}
+        seconds = max(rank_s.values(), default=0.0)
+        rank_rate = [sum(s["generated_tokens"] for s in by_rank[r]) / t for r, t in rank_s.items() if t > 0]
         per_sample = [s["generated_tokens"] / s["seconds"] for s in gen if s["seconds"] > 0]
         gpu, cpu = (sum(x["stats"].get(k, 0) for x in recs) for k in ("pairs_gpu", "pairs_cpu"))
         for name, value in metrics.items():
@@ -294,8 +339,9 @@ def rows(run: Run, lm, against_outputs: dict[tuple, Any], against: str, is_compa
                 "task": task, "metric": label, "value": value,
                 "stderr": stderr if isinstance(stderr, int | float) else None, "policy": run.policy,
                 "budget": run.budget, "slots_per_layer": lm.engine.store.slots, "regime": run.regime,
-                "batch_size": lm.batch, "samples": len(keys), "generated_tokens": tokens, "seconds": seconds,
-                "tokens_per_s": tokens / seconds if seconds else None,
+                "batch_size": lm.batch, "ranks": len(ranks), "samples": len(keys), "generated_tokens": tokens,
+                "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else None,
+                "tokens_per_s_per_rank": sum(rank_rate) / len(rank_rate) if rank_rate else None,
                 "tokens_per_s_per_sample": sum(per_sample) / len(per_sample) if per_sample else None,
                 "forwards": sum(x["stats"].get("forwards", 0) for x in recs),
                 "mb_h2d": sum(x["stats"].get("bytes_h2d", 0) for x in recs) / 1e6,
@@ -319,13 +365,16 @@ def rows(run: Run, lm, against_outputs: dict[tuple, Any], against: str, is_compa
 
 
 # ---- reporting -----------------------------------------------------------------------------------------------
-def run_header(spec: EvalSpec, model: Path, against: str, why: str, notes: list[str]) -> dict[str, Any]:
+def run_header(spec: EvalSpec, model: Path, against: str, why: str, notes: list[str],
+               ranks: int = 1) -> dict[str, Any]:
     from tide.calibrate import machine_stamp
 
     stamp = machine_stamp(spec.device, spec.cpu_threads)
     machine = (f"{stamp['gpu'] or 'no GPU'}; CPU {stamp['cpu']}, {stamp['cores']} cores, torch {stamp['torch']}, "
                f"{stamp['torch_threads']} thread(s)")
+    machine += f"; {ranks} data-parallel ranks (one engine each)" if ranks > 1 else ""
     return {"model": str(model), "command": spec.command, "commit": stamp["commit"], "machine": machine,
+            "ranks": ranks,
             "against": against, "against_why": why, "notes": notes,
             "spec": {k: v for k, v in asdict(spec).items() if k not in ("command",)}}
 

@@ -6,10 +6,16 @@ Every lm-eval flag works as documented by lm-eval (`--tasks`, `--apply_chat_temp
 
     tide-lm-eval --model tide --model_args pretrained=DIR,policy=tide,gpu_budget=128/layer \\
         --tasks tide_mbpp_sanitized --apply_chat_template --confirm_run_unsafe_code --log_samples --output_path out/
+
+Data parallel (one process per GPU, lm-eval's protocol: evals/distributed.py): `torchrun --nproc-per-node N -m
+tide.evals.lm_eval_cli ...` or `accelerate launch --multi_gpu --num_processes N -m tide.evals.lm_eval_cli ...`; the
+ranks of a machine share one host master (model_args `shm_dir`, default /dev/shm). A rank that fails prints one
+`error: rank R of N (host): ...` line and exits; the launcher stops the others.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -54,12 +60,38 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(PREFACE)
     sys.argv = [sys.argv[0] if sys.argv else "tide-lm-eval", *with_task_dir(args)]
+    from tide.evals.distributed import from_env
+
+    group = from_env()
     try:
         cli_evaluate()
     except (ValueError, OSError) as err:  # bad input (model_args, files, a missing chat template): a sentence
         message = f"{err.filename}: {err.strerror or err}" if isinstance(err, OSError) and err.filename else err
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {where(group)}{message}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:  # under a launcher: one sentence naming the rank; torchrun's agent stops the others
+        if not group.active:
+            raise
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        if peer_lost(err):
+            print(f"error: {where(group)}stopped: another rank failed or left ({type(err).__name__}: {first})",
+                  file=sys.stderr)
+        else:
+            print(f"error: {where(group)}{type(err).__name__}: {first}", file=sys.stderr)
+        sys.exit(1)
+
+
+def peer_lost(err: Exception) -> bool:
+    """A collective that failed because a peer process died (gloo / NCCL), not this rank's own error."""
+    import torch.distributed as dist
+
+    text = str(err)
+    return isinstance(err, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("closed by peer", "remote worker", "Connection reset", "NCCL communicator was aborted"))
+
+
+def where(group) -> str:
+    return f"rank {group.rank} of {group.world_size} ({socket.gethostname()}): " if group.active else ""
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from tide.config import DecodeConfig
 from tide.decode import Request
 from tide.engine import Engine
+from tide.evals.distributed import ONE, Group, all_gather, barrier, gather_object, join, rank_device, shared_master
 from tide.model import Part, block_causal_mask
 from tide.policy import StepInfo
 
@@ -58,21 +59,24 @@ class TideLM(TemplateLM):
                  cpu_threads: int = 1, refresh_interval: int | str = "auto", rank_by: str = "step",
                  cost_fetch: bool = False, prefetch: bool = False, profile: str | None = None,
                  host_kernel: str = "auto", batch_size: int | str | None = 1, max_batch_size: int | None = None,
-                 trust_remote_code: bool = False,
-                 engine: Engine | None = None, progress: bool = True, **unknown: Any) -> None:
+                 trust_remote_code: bool = False, engine: Engine | None = None, progress: bool = True,
+                 group: Group | None = None, shm_dir: str | None = None, **unknown: Any) -> None:
         super().__init__()
         if unknown:
             raise ValueError(f"tide: unknown model_args {sorted(unknown)}; known: pretrained, policy, gpu_budget, "
                              f"regime, {', '.join(DECODE_FIELDS[:-1])}, do_sample, decode_from, seed, mc_samples, "
                              "dtype, cpu_threads, refresh_interval, rank_by, cost_fetch, prefetch, profile, "
-                             "host_kernel")
+                             "host_kernel, batch_size, max_batch_size, shm_dir")
         if decode_from not in ("task", "model"):
             raise ValueError(f"tide: decode_from must be 'task' or 'model', got {decode_from!r}")
         self.name = str(pretrained or "built-in")
-        if engine is None:
+        self.group = group or ONE  # a loaded engine comes with its data-parallel group (tide eval --nproc)
+        if engine is None:  # lm-eval's CLI: under torchrun / accelerate launch, one rank of a data-parallel run
+            self.group = join(device or "cpu")
+            device = rank_device(device or "cpu", self.group)
             engine = _load_engine(pretrained, policy, gpu_budget, device or "cpu", dtype, int(cpu_threads),
                                   refresh_interval, rank_by, bool(cost_fetch), bool(prefetch), profile, host_kernel,
-                                  _batch_size(batch_size))
+                                  _batch_size(batch_size), self.group, shm_dir)
         if engine.tokenizer is None:
             raise ValueError("tide: the lm-eval model needs a checkpoint with a tokenizer")
         self.engine, self.policy, self.tokenizer = engine, policy, engine.tokenizer
@@ -92,7 +96,7 @@ class TideLM(TemplateLM):
         self.batch_size, self.batch = batch_size, _batch_size(batch_size)  # requests (or copies) per forward
         self.auto = isinstance(batch_size, str) and batch_size.startswith("auto")
         self.max_batch_size = _batch_size(max_batch_size or AUTO_MAX_BATCH)
-        self._rank, self._world_size = 0, 1
+        self._rank, self._world_size = self.group.rank, self.group.world_size
         self.records: list[dict[str, Any]] = []  # per request: task, doc, index, kind, output, stats
         self.chosen_batch_sizes: list[int] = []  # what batch_size=auto picked, per call
 
@@ -102,6 +106,19 @@ class TideLM(TemplateLM):
         if self.engine.eos_id is None:
             raise ValueError("tide: this checkpoint has no EOS id, needed to score an empty context")
         return self.engine.eos_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.store.device
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_gather(tensor, self.group)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        return gather_object(obj, self.group, dst)
+
+    def barrier(self) -> None:
+        barrier(self.group)
 
     @property
     def tokenizer_name(self) -> str:
@@ -354,8 +371,10 @@ def record(req: Any, kind: str, output: Any, stats: dict[str, Any]) -> dict[str,
 
 def _load_engine(pretrained: str | None, policy: str, gpu_budget: str | None, device: str, dtype: str | None,
                  cpu_threads: int, refresh_interval: int | str, rank_by: str, cost_fetch: bool, prefetch: bool,
-                 profile: str | None, host_kernel: str = "auto", batch_size: int = 1) -> Engine:
-    """An engine built from model_args (lm-eval's CLI path)."""
+                 profile: str | None, host_kernel: str = "auto", batch_size: int = 1, group: Group = ONE,
+                 shm_dir: str | None = None) -> Engine:
+    """An engine built from model_args (lm-eval's CLI path); the local ranks of a data-parallel run share one host
+    master (evals/distributed.py)."""
     import tide.baselines  # noqa: F401  (registers the baseline policies)
     import tide.refresh  # noqa: F401
     from tide.config import parse_refresh_interval
@@ -382,4 +401,5 @@ def _load_engine(pretrained: str | None, policy: str, gpu_budget: str | None, de
                                                 torch_dtype(dtype, cfg), device, cpu_threads, host_kernel)
     budget = None if gpu_budget is None else str(gpu_budget)
     return load(path, policy=policy, gpu_budget=budget, device=device, dtype=None if dtype == "auto" else dtype,
-                cpu_threads=cpu_threads, host_kernel=host_kernel, profile_batch=batch_size, **options)
+                cpu_threads=cpu_threads, host_kernel=host_kernel, profile_batch=batch_size,
+                host_master=shared_master(group, path, dtype, shm_dir), **options)

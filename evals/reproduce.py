@@ -64,9 +64,10 @@ def table1(eval_rows: list[dict], against: str, paper: str | None) -> pd.DataFra
                                 if t.tokens_per_s == t.tokens_per_s) or None
         paper_tps = PAPER_TOKENS_PER_S.get(paper or "", {}).get(r.budget) if r.policy == "tide" else None
         out.append({"task": r.task, "policy": r.policy, "budget": r.budget, "regime": r.regime,
-                    "batch size": r.get("batch_size", 1),
+                    "batch size": r.get("batch_size", 1), "ranks": r.get("ranks", 1),
                     r.metric: f"{r.value:.3f} ± {r.stderr:.3f}" if r.stderr == r.stderr and r.stderr is not None
-                    else f"{r.value:.3f}", "tok/s": r.tokens_per_s, "tok/s per sample": r.tokens_per_s_per_sample,
+                    else f"{r.value:.3f}", "tok/s": r.tokens_per_s, "tok/s per rank": r.get("tokens_per_s_per_rank"),
+                    "tok/s per sample": r.tokens_per_s_per_sample,
                     "tide speed-up over it": speedup,
                     f"identical to {against}": r.identical_fraction, "MB H2D": r.mb_h2d,
                     "GPU hit": r.gpu_hit_ratio, "paper tok/s (2nd-hand)": paper_tps})
@@ -86,7 +87,9 @@ def report(eval_rows: list[dict], header: dict[str, Any], paper: str | None) -> 
              f"({spec['refresh_interval']}). Compared with **{header['against']}**: {header['against_why']}.", "",
              "## Table 1 (ours, measured)", "",
              "*Measured* on the machine above, one pass per row: the metric (with its stderr) and the throughput "
-             "come from the same run. `tok/s`: generated tokens (up to EOS) over decoding wall time, all requests; "
+             "come from the same run. `tok/s`: generated tokens (up to EOS) over decoding wall time, all requests "
+             "(with several data-parallel ranks: over the slowest rank's time; `tok/s per rank`: each rank's own, "
+             "averaged; speed-ups compare rows of the same run, so the same number of ranks); "
              "`tide speed-up over it`: TIDE's tok/s over this row's at the same budget and regime (for the "
              "all-resident reference, at each budget: below 1, TIDE is slower than keeping every expert on the "
              "GPU); `identical to "
@@ -121,9 +124,12 @@ def beaten(t: pd.DataFrame, header: dict[str, Any]) -> list[str]:
 
 
 def run_reproduce(spec: EvalSpec, paper: str | None) -> dict[str, Any]:
+    from tide.evals.distributed import from_env
     from tide.evals.harness import check_spec, run_eval
 
     check_spec(spec)  # before the run directory: a refused run leaves nothing behind
+    if from_env().rank != 0:  # a data-parallel rank other than 0 writes nothing
+        return {**run_eval(spec)[0], "report": None}
     run_dir = new_run_dir(spec.out, "reproduce")
     spec.out, spec.out_claimed = str(run_dir), True
     summary, rows, header = run_eval(spec)

@@ -79,8 +79,10 @@ def test_line_budgets():
     # 3,950; issue 22's batched decoding (the packed forward with attention per request, the continuous batch
     # decoder, the engine's timed batch run, the batch's forward and host-tier counts, the batch memory check,
     # `tide generate --prompts --batch-size`) to 4,200; its second part (R planned from a profile at the run's batch
-    # size, through configure and load; the largest batch that fits, for lm-eval's batch_size=auto) to 4,260
-    assert sum(engine.values()) <= 4260, engine
+    # size, through configure and load; the largest batch that fits, for lm-eval's batch_size=auto) to 4,260;
+    # issue 23's one host master per machine (tide/experts/masters.py: the private and the shared backend, the tmpfs
+    # check, the sweep of crashed runs, removal when a rank leaves while filling) to 4,440
+    assert sum(engine.values()) <= 4440, engine
     assert sum(n for p, n in sizes.items() if p.name in TRAINING) <= 700
     for path, n in sizes.items():
         assert n <= 400, f"{path} has {n} lines (limit 400)"

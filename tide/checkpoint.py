@@ -149,14 +149,16 @@ def load_model(reader: CheckpointReader, device: torch.device | str, dtype: torc
 
 
 def fill_store(reader: CheckpointReader, store: ExpertStore) -> None:
-    """Copy every routed expert from the checkpoint into the store's host master."""
+    """Copy every routed expert from the checkpoint into the store's host master, unless another process fills it (a
+    master shared by the ranks of one machine: tide.experts.masters); then the master is shared."""
     cfg = reader.config
     I, H = cfg.moe_intermediate_size, cfg.hidden_size
-    jobs = [(layer, e) for layer in store.layers for e in range(cfg.num_experts)]
+    jobs = [(layer, e) for layer in store.layers for e in range(cfg.num_experts)] if store.master.fills else []
     for layer, e in tqdm(jobs, desc="loading experts", unit="expert", leave=False, disable=len(jobs) < 2000):
         store.put(layer, e, reader.get(expert_name(layer, e, "gate_proj"), (I, H)),
                   reader.get(expert_name(layer, e, "up_proj"), (I, H)),
                   reader.get(expert_name(layer, e, "down_proj"), (H, I)))
+    store.master.filled()
 
 
 # ---- writing random checkpoints ------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from tide.decode import Generation, Request, generate, generate_batch
 from tide.device import resolve_device
 from tide.experts.executor import DEVICE_KERNELS, MoEExecutor, swiglu
 from tide.experts.host_kernels import host_kernel as choose_host_kernel
+from tide.experts.masters import PrivateMaster, SharedMaster
 from tide.experts.store import DeviceMemoryError, ExpertStore, free_bytes
 from tide.model import LLaDA2Model
 from tide.policy import PolicyContext, load_registered, make_policy
@@ -333,20 +334,19 @@ def non_expert_bytes(model: LLaDA2Model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-# Generic prompts for profiling policies (cpu-fallback); deliberately not the prompts that get measured.
-
 def check_memory(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, gpu_budget: str | None,
-                 staging: int) -> None:
+                 staging: int, host_master: bool = True) -> None:
     """Refuse, before the first allocation, a load that cannot fit: the host master of the routed experts in host
-    memory; the non-expert weights and the expert tier for `gpu_budget` on the device (on a CPU, all three in host
-    memory). One sentence names every part, what it needs and what is free."""
+    memory (unless another rank of this machine allocates it: host_master=False); the non-expert weights and the
+    expert tier for `gpu_budget` on the device (on a CPU, all three in host memory). One sentence names it all."""
     with torch.device("meta"):
         non_expert = sum(p.numel() for p in LLaDA2Model(cfg).parameters()) * dtype.itemsize
     expert_bytes = cfg.expert_params * dtype.itemsize
     layers = len(cfg.moe_layers)
     slots = slots_per_layer(gpu_budget, BudgetSizes(cfg.num_experts, layers, expert_bytes, non_expert, staging))
     tier = f"the expert tier ({slots}/layer and {staging} staging)"
-    parts = {"the host master of the routed experts": (torch.device("cpu"), layers * cfg.num_experts * expert_bytes),
+    parts = {"the host master of the routed experts": (torch.device("cpu"),
+                                                       layers * cfg.num_experts * expert_bytes * host_master),
              f"the non-expert weights (embeddings of vocab_size {cfg.vocab_size} x hidden_size {cfg.hidden_size}, "
              "attention, dense and shared MLPs)": (device, non_expert),
              tier: (device, (slots * layers + staging) * expert_bytes)}
@@ -364,12 +364,13 @@ def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = N
          dtype: str | None = None, cpu_threads: int | None = None, staging: int = 2,
          popularity: Mapping[int, Mapping[int, int]] | None = None, profile_prompts: list[list[int]] | None = None,
          check_finite: bool = True, host_kernel: str = "auto", device_kernel: str = "swiglu", profile_batch: int = 1,
-         **policy_options: Any) -> Engine:
+         host_master: PrivateMaster | SharedMaster | None = None, **policy_options: Any) -> Engine:
     """Load a checkpoint directory and wire the named policy in (see Engine.configure; budgets: tide.budget).
     Everything that can be refused is checked first: device, config, tokenizer, memory for the weights and the
     expert tier (`check_memory`), before anything is allocated.
     `host_kernel`: how host-tier experts are computed (tide.experts.host_kernels: auto, torch, amx-bf16, ...);
-    `device_kernel`: how device-tier experts are (tide.experts.executor: swiglu, or grouped, held to level c)."""
+    `device_kernel`: how device-tier experts are (tide.experts.executor: swiglu, or grouped, held to level c);
+    `host_master`: where the host master lives (tide.experts.masters; default: this process's memory)."""
     if device_kernel not in DEVICE_KERNELS:
         raise ValueError(f"device_kernel {device_kernel!r}: choose one of {', '.join(DEVICE_KERNELS)}")
     dev = resolve_device(device)  # "cuda" -> "cuda:<current>": everything below sees an indexed device
@@ -380,15 +381,14 @@ def load(path: str | Path, policy: str = "reference", gpu_budget: str | None = N
         raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
     reader = CheckpointReader(path, check_finite)
     reader.check_no_unused()
-    cfg = reader.config
-    tokenizer = load_tokenizer(path, cfg.vocab_size)
+    cfg, tokenizer = reader.config, load_tokenizer(path, reader.config.vocab_size)
     generation = read_generation_config(path)
     defaults = decode_defaults(generation, Path(path) / "generation_config.json")  # checked before anything loads
     dt = torch_dtype(dtype, cfg)
     kernel, kernel_note = choose_host_kernel(host_kernel, dt, cfg.hidden_size, cfg.moe_intermediate_size)
-    check_memory(cfg, dt, dev, gpu_budget, staging)
+    check_memory(cfg, dt, dev, gpu_budget, staging, host_master=host_master is None or host_master.fills)
     model = load_model(reader, dev, dt)
-    store = ExpertStore(cfg, 1, dev, dt, staging, device_tier=False)
+    store = ExpertStore(cfg, 1, dev, dt, staging, device_tier=False, master=host_master)
     fill_store(reader, store)
     mask_id, eos_id, notes = special_ids(cfg, tokenizer, generation)
     notes.append(f"host kernel: {kernel_note}")

@@ -1,7 +1,8 @@
 """The expert store: owns all routed-expert memory. Decides nothing.
 
 Host tier: per MoE layer one arena [E, P]; row e is expert e's contiguous buffer, packed as gate|up ([2I, H],
-one matmul) then down ([H, I]). With CUDA the arenas are pinned in place (cudaHostRegister on an ordinary
+one matmul) then down ([H, I]), in this process's memory or in pages shared by the ranks of one machine (the
+`master`, tide/experts/masters.py). With CUDA the arenas are pinned in place (cudaHostRegister on an ordinary
 allocation), because torch's pinned allocator rounds every block up to a power of two: a 1.5 GiB mini layer
 would take 2 GiB, flash's 200 GB of experts ~248 GiB. The host memory is checked before it is allocated.
 Device tier: per layer `slots` preallocated rows, plus a small staging ring shared by all layers for
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from tide.config import ModelConfig
+from tide.experts.masters import PrivateMaster, SharedMaster
 from tide.policy import Plan
 
 
@@ -52,10 +54,10 @@ class Pinned:
     """Host memory page-locked in place (cudaHostRegister at its exact size). `release()` unregisters it; the owner's
     collection does too, as a fallback."""
 
-    def __init__(self, t: Tensor, owner: object, what: str) -> None:
+    def __init__(self, t: Tensor, owner: object, what: str, read_only: bool = False) -> None:
         cudart = torch.cuda.cudart()
         self.ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
-        err = cudart.cudaHostRegister(self.ptr, nbytes, 0)
+        err = cudart.cudaHostRegister(self.ptr, nbytes, 8 if read_only else 0)  # 8: cudaHostRegisterReadOnly
         if int(err) != 0:
             clear_cuda_error()
             hint = ("raise the memlock limit (ulimit -l; in a container, --ulimit memlock=-1) or free host memory"
@@ -75,8 +77,11 @@ class Pinned:
 
 class ExpertStore:
     def __init__(self, cfg: ModelConfig, slots: int, device: torch.device | str, dtype: torch.dtype,
-                 staging: int = 2, device_tier: bool = True) -> None:
-        """device_tier=False allocates no device memory (for an executor that manages its own)."""
+                 staging: int = 2, device_tier: bool = True,
+                 master: PrivateMaster | SharedMaster | None = None) -> None:
+        """device_tier=False allocates no device memory (for an executor that manages its own). `master`: where the
+        host master lives (default: this process's memory); a process that does not fill it (`master.fills`) maps
+        one another process filled."""
         self.device, self.dtype = torch.device(device), dtype
         self.layers = cfg.moe_layers
         self.num_experts = cfg.num_experts
@@ -84,12 +89,13 @@ class ExpertStore:
         self.numel = cfg.expert_params
         self.expert_bytes = self.numel * torch.empty((), dtype=dtype).element_size()
         cuda = self.device.type == "cuda"
+        self.master = master or PrivateMaster()
         need, free = len(self.layers) * self.num_experts * self.expert_bytes, free_bytes(torch.device("cpu"))
-        if need > free:
+        if need > free and self.master.fills:  # one check per machine: the others map the same pages
             raise DeviceMemoryError(f"the host master of the routed experts needs {need / 1e9:.2f} GB of host "
                                     f"memory; {free / 1e9:.2f} GB is available")
-        self.host = {layer: torch.empty(self.num_experts, self.numel, dtype=dtype) for layer in self.layers}
-        self._pins = [Pinned(arena, self, f"the expert master of layer {layer}")
+        self.host = self.master.arenas(self.layers, self.num_experts, self.numel, dtype)
+        self._pins = [Pinned(arena, self, f"the expert master of layer {layer}", self.master.read_only)
                       for layer, arena in self.host.items()] if cuda else []
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self.gpu: dict[int, Tensor] = {}
