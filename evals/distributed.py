@@ -100,8 +100,8 @@ def join(device: str) -> Group:
 
 
 def relaunch(nproc: int, argv: list[str]) -> int:
-    """`tide ARGV` again under torch's own launcher (`python -m torch.distributed.run --nproc-per-node N -m
-    tide.cli ARGV`, the --nproc option taken out), one process per rank; returns the launcher's exit code."""
+    """`tide ARGV` again under torch's own launcher (`python -m torch.distributed.run --standalone --nproc-per-node
+    N -m tide.cli ARGV`, the --nproc option taken out), one process per rank; returns the launcher's exit code."""
     import subprocess
     import sys
 
@@ -113,7 +113,10 @@ def relaunch(nproc: int, argv: list[str]) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             args.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "tide.cli", *args]
+    # --standalone: a free port and a fresh run id, so two such runs on one machine neither collide on torchrun's
+    # default port nor share a host-master directory
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m",
+           "tide.cli", *args]
     return subprocess.run(cmd).returncode
 
 
