@@ -41,6 +41,39 @@ def test_sandbox_passes_only_a_program_that_ran_every_assert():
     assert run_program("import atexit\natexit.register(print)\nassert 2 == 2\n").passed
 
 
+ALWAYS_EQUAL = "class Any:\n    def __eq__(self, other):\n        return True\n"
+
+
+def test_sandbox_an_equality_only_the_programs_own_eq_makes_true_does_not_pass():
+    """The tests' `assert A == B`: a result whose `==` is code the program wrote (at any depth, however defined)
+    does not equal a plain expected value; a library's equality and the program's class on both sides still do."""
+    cheats = {"class": ALWAYS_EQUAL + "def f():\n    return Any()",
+              "nested": ALWAYS_EQUAL + "def f():\n    return [1, {'k': Any()}]",
+              "int subclass": "class I(int):\n    __eq__ = lambda s, o: True\ndef f():\n    return I(0)",
+              "a builtin as __eq__": "class B:\n    __eq__ = bool\ndef f():\n    return B()",
+              "built by exec": "ns = {}\nexec('def eq(s, o): return True', ns)\n"
+                               "def f():\n    return type('A', (), {'__eq__': ns['eq']})()",
+              "tests rewritten": "open('tests.py', 'w').write('')\ndef f():\n    return 0"}
+    for name, program in cheats.items():
+        outcome = run_program(program, tests="assert f() == [1, {'k': 2}]\n")
+        assert not outcome.passed and "AssertionError" in outcome.status, (name, outcome)
+    assert "own __eq__" in run_program(cheats["class"], tests="assert f() == 3").status
+    honest = {"collections.Counter": ("from collections import Counter\ndef f():\n    return Counter('aab')",
+                                      "{'a': 2, 'b': 1}"),
+              "namedtuple": ("from collections import namedtuple\nP = namedtuple('P', 'x y')\n"
+                             "def f():\n    return P(1, 2)", "(1, 2)"),
+              "fractions.Fraction": ("from fractions import Fraction\ndef f():\n    return Fraction(1, 2)", "0.5"),
+              "own class both sides": ("class P:\n    def __init__(self, x):\n        self.x = x\n"
+                                       "    def __eq__(self, other):\n        return self.x == other.x\n"
+                                       "def f():\n    return P(1)", "P(1)")}
+    for name, (program, expected) in honest.items():
+        outcome = run_program(program, tests=f"assert f() == {expected}\n")
+        assert outcome.passed, (name, outcome)
+    humaneval = "def check(candidate):\n    assert candidate(1) == 3\n\ncheck(f)\n"
+    assert run_program("def f(x):\n    return 3", tests=humaneval).passed
+    assert not run_program(ALWAYS_EQUAL + "def f(x):\n    return Any()", tests=humaneval).passed
+
+
 def test_sandbox_cannot_touch_files_outside_or_reach_the_network(tmp_path):
     victim = tmp_path / "keep.txt"
     victim.write_text("keep")
@@ -120,6 +153,7 @@ def test_code_extraction_and_scoring(utils):
     doc = load_mbpp_doc()
     assert mbpp_pass(doc, [f"```python\n{code}\n```"]) == {"pass@1": 1.0}
     assert mbpp_pass(doc, ["```python\ndef add(a, b):\n    return a - b\n```"]) == {"pass@1": 0.0}
+    assert mbpp_pass(doc, [f"```python\n{ALWAYS_EQUAL}def add(a, b):\n    return Any()\n```"]) == {"pass@1": 0.0}
 
 
 def load_mbpp_doc():

@@ -74,9 +74,9 @@ def load_humaneval(**kwargs) -> DatasetDict:
 
 
 def humaneval_pass(doc: dict, results: list[str]) -> dict[str, float]:
-    """pass@1 of one completion: prompt + completion + tests + check(entry_point), in the sandbox."""
-    program = doc["prompt"] + results[0] + "\n\n" + doc["test"] + f"\n\ncheck({doc['entry_point']})\n"
-    return {"pass@1": float(run_program(program, HUMANEVAL_TIMEOUT_S).passed)}
+    """pass@1 of one completion: prompt + completion, then the tests and check(entry_point), in the sandbox."""
+    tests = doc["test"] + f"\n\ncheck({doc['entry_point']})\n"
+    return {"pass@1": float(run_program(doc["prompt"] + results[0] + "\n", HUMANEVAL_TIMEOUT_S, tests=tests).passed)}
 
 
 def load_mbpp(mbpp_data: str | None = None, **kwargs) -> DatasetDict:
@@ -138,6 +138,8 @@ def extract_code(text: str) -> str:
 
 def mbpp_pass(doc: dict, results: list[str]) -> dict[str, float]:
     """pass@1 of one completion: the extracted program, then the problem's asserts, in the sandbox. Like the
-    paper's scorer (code_eval over program + "\\n" + tests), the dataset's test_imports are not added."""
-    program = extract_code(results[0]) + "\n" + doc["test_list_str"] + "\n"
-    return {"pass@1": float(run_program(program, MBPP_TIMEOUT_S).passed)}
+    paper's scorer (code_eval over program + "\\n" + tests), the dataset's test_imports are not added; the tests
+    run in the program's namespace as that one file would (evals/sandbox.py: an `==` only the program's own
+    `__eq__` makes true does not pass)."""
+    return {"pass@1": float(run_program(extract_code(results[0]) + "\n", MBPP_TIMEOUT_S,
+                                        tests=doc["test_list_str"] + "\n").passed)}
