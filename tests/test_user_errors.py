@@ -402,3 +402,28 @@ def test_a_full_disk_names_the_file(tmp_path):
         atomic_write(tmp_path / "bench.csv", full)
     assert info.value.filename == str(tmp_path / "bench.csv") and info.value.errno == errno.ENOSPC
     assert not list(tmp_path.iterdir())
+
+
+def test_tide_lm_eval_model_args_errors_are_sentences(tiny_dir, tmp_path, monkeypatch, capsys):
+    """The issue's `L` probes through lm-eval's own command line (tide-lm-eval): each bad model_args value, a
+    missing checkpoint and a hub id that is neither reachable nor cached end in one `error:` line, exit 2."""
+    import huggingface_hub
+
+    from tide.evals.lm_eval_cli import main as lm_eval_main
+
+    def offline(**kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline and not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    for model_args, phrase in [(f"pretrained={tiny_dir},gpu_budget=garbage", "gpu budget 'garbage'"),
+                               (f"pretrained={tiny_dir},gpu_budget=0/layer", "at least one expert"),
+                               (f"pretrained={tiny_dir},policy=nonsense", "unknown policy 'nonsense'"),
+                               (f"pretrained={tmp_path / 'none'}", "not a directory"),
+                               ("pretrained=org/not-cached", "could not be fetched or found in the cache")]:
+        with pytest.raises(SystemExit) as exit_info:
+            lm_eval_main(["--model", "tide", "--model_args", model_args, "--tasks", "tide_arith", "--limit", "1",
+                          "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err, err[-2000:]
+        assert any(line.startswith("error:") and phrase in line for line in err.splitlines()), (phrase, err[-2000:])
