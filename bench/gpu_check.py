@@ -11,11 +11,14 @@ results/<date>-<gpu>-gpu-check/, each bounded by what it must show and by its ow
   3. `tide calibrate --device cuda` at mini's expert shape, host curve up to 64 tokens (where the bench's experts
      are; beyond it the cost model extrapolates);
   4. a mini-shaped bench: every policy at 64 experts per layer, both regimes, 6 prompts x 64 tokens (384
-     teacher-forced positions for level c), at most 8 steps per block, the three lossless levels checked (`--check`).
+     teacher-forced positions for level c), at most 8 steps per block, the three lossless levels checked (`--check`);
+  5. the same model batched (issue 22's GPU run): reference, lru, cpu-fallback and tide at 64 experts per layer,
+     block-kv, batch sizes 1, 4 and 16 over the 16 requests of bench/prompts-batch.jsonl (32 tokens, 8 steps), the
+     lossless levels checked, beside the modelled H100/A100 projections of the same runs.
 summary.md and env.json are rewritten after every step, so a run cut short still says what it did; a step that
 would start with less than its minimum time left is skipped and listed. The whole script stays within TOTAL_S.
 Exits non-zero when any step fails or is skipped; on a machine without CUDA it says so and exits 0 without running
-anything. `--rehearse` runs steps 2-4 on the CPU (device cpu) to time them where there is no GPU.
+anything. `--rehearse` runs steps 2-5 on the CPU (device cpu) to time them where there is no GPU.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ import time
 from pathlib import Path
 
 LAYERS = 3  # layer 0 dense + 2 MoE layers of mini's shape: ~4.7 GB of random checkpoint, written once
-TOTAL_S = 450  # the whole script: 7.5 minutes, inside the 8 that a first GPU session can spare
+TOTAL_S = 540  # the whole script: 9 minutes, inside one 10-minute device command (a session's 15 minutes less the
+#               machine's start); steps 1-4 fit in the first 7.5, the batched bench (last) runs in what is left
 ROOT = Path(__file__).resolve().parents[1]
+BATCH_PROMPTS = Path(__file__).resolve().with_name("prompts-batch.jsonl")  # 16 requests of mixed lengths
 
 
 def step(name: str, cmd: list[str], out: Path, timeout_s: float) -> dict:
@@ -67,7 +72,13 @@ def plan(py: str, out: Path, device: str, workers: int, model: Path) -> list[tup
                              "--budgets", "64/layer", "--regime", "block-kv,full", "--policies",
                              "reference,full-offload,lru,cpu-fallback,accelerate,tide", "--repeat", "1",
                              "--gen-length", "64", "--steps", "8", "--cpu-threads", str(workers), "--profile", profile,
-                             "--projections", "", "--check", "--out", str(out / "bench")], 240, 120)]
+                             "--projections", "", "--check", "--out", str(out / "bench")], 240, 120),
+             ("bench-batches", [*cli, "bench", "--model", "preset:mini", "--layers", str(LAYERS), "--device", device,
+                                "--dtype", "bfloat16", "--budgets", "64/layer", "--regime", "block-kv", "--policies",
+                                "reference,lru,cpu-fallback,tide", "--batch-sizes", "1,4,16", "--prompts",
+                                str(BATCH_PROMPTS), "--gen-length", "32", "--steps", "8", "--repeat", "1",
+                                "--cpu-threads", str(workers), "--profile", profile, "--check", "--out",
+                                str(out / "batches")], 150, 60)]
     if device.startswith("cuda"):
         steps.insert(0, ("pytest-gpu", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                                         "tests/test_gpu.py"], 120, 60))
@@ -88,6 +99,9 @@ def write_summary(out: Path, env: dict, steps: list[dict], pending: list[str]) -
               ("**Not finished**: the steps marked 'not run' are missing." if pending else "Every step passed."), ""]
     if (out / "bench" / "bench.md").is_file():
         lines += ["The mini-shaped bench (measured, random weights: its routing is not LLaDA2.0's): bench/bench.md", ""]
+    if (out / "batches" / "bench.md").is_file():
+        lines += ["The batched bench (measured on this machine, with modelled H100/A100 projections beside it): "
+                  "batches/bench.md", ""]
     (out / "summary.md").write_text("\n".join(lines))
 
 

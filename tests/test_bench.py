@@ -1,6 +1,7 @@
 """The benchmark harness on the tiny model: rows, schema, identity, report files, checks, and the oracle bound."""
 
 import json
+import sys
 
 import pandas as pd
 import pytest
@@ -298,3 +299,24 @@ def test_tables_are_written_without_tabulate(monkeypatch):
     df = pd.DataFrame({"policy": ["tide"], "tok/s": [14400.0]})
     monkeypatch.setitem(sys.modules, "tabulate", None)  # import tabulate -> ImportError
     assert report.table(df) == "| policy | tok/s |\n|---|---|\n| tide | 14,400 |"
+
+
+def test_gpu_check_steps_are_commands_the_cli_takes(tmp_path):
+    """Every step of `make gpu-check` that calls the CLI parses there: an option misspelt in the plan would fail only
+    on a lent GPU machine, with its minutes gone. Parsed and type-checked by click (nothing runs); the plan for the
+    CPU (`--rehearse`) differs only in --device, which on this machine must be cpu to pass its check."""
+    from tide.bench.gpu_check import BATCH_PROMPTS, plan
+    from tide.cli import main
+
+    names = [name for name, *_ in plan(sys.executable, tmp_path, "cuda", 8, tmp_path / "model")]
+    assert names == ["pytest-gpu", "checkpoint", "calibrate", "bench-mini", "bench-batches"]
+    steps = plan(sys.executable, tmp_path, "cpu", 8, tmp_path / "model")
+    assert [name for name, *_ in steps] == names[1:]
+    for name, cmd, limit_s, minimum_s in steps:
+        assert cmd[1:3] == ["-m", "tide.cli"] and cmd[3:5] == ["--threads", "8"] and 0 < minimum_s <= limit_s, name
+        group = main.make_context("tide", cmd[3:6])
+        parsed = main.get_command(group, cmd[5]).make_context(cmd[5], cmd[6:], parent=group)
+    batches = parsed.params  # the last step's
+    assert (batches["batch_sizes"], batches["budgets"], batches["regimes"]) == ("1,4,16", "64/layer", "block-kv")
+    assert batches["check"] and batches["projections"] == "h100-pcie5,a100-pcie4"  # the modelled rows, by default
+    assert BATCH_PROMPTS.is_file() and len(BATCH_PROMPTS.read_text().splitlines()) == 16
