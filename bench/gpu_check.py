@@ -62,23 +62,20 @@ def plan(py: str, out: Path, device: str, workers: int, model: Path) -> list[tup
     """(name, command, time limit s, minimum time s to start it) for every step, in order."""
     cli = [py, "-m", "tide.cli", "--threads", str(workers)]
     profile = str(out / "profile-mini.json")
+    bench = [*cli, "bench", "--model", "preset:mini", "--layers", str(LAYERS), "--device", device, "--dtype",
+             "bfloat16", "--budgets", "64/layer", "--steps", "8", "--repeat", "1", "--cpu-threads", str(workers),
+             "--profile", profile, "--check"]  # what both bench steps share
     steps = [("checkpoint", [*cli, "make-checkpoint", "--preset", "mini", "--layers", str(LAYERS), "--out",
                              str(model)], 90, 30),
              ("calibrate", [*cli, "calibrate", "--preset", "mini", "--dtype", "bfloat16", "--device", device,
                             "--cpu-threads", str(workers), "--max-tokens", "64", "--repeats", "5", "--out", profile],
               60, 20),
-             ("bench-mini", [*cli, "bench", "--model", "preset:mini", "--layers", str(LAYERS), "--device", device,
-                             "--dtype", "bfloat16",
-                             "--budgets", "64/layer", "--regime", "block-kv,full", "--policies",
-                             "reference,full-offload,lru,cpu-fallback,accelerate,tide", "--repeat", "1",
-                             "--gen-length", "64", "--steps", "8", "--cpu-threads", str(workers), "--profile", profile,
-                             "--projections", "", "--check", "--out", str(out / "bench")], 240, 120),
-             ("bench-batches", [*cli, "bench", "--model", "preset:mini", "--layers", str(LAYERS), "--device", device,
-                                "--dtype", "bfloat16", "--budgets", "64/layer", "--regime", "block-kv", "--policies",
-                                "reference,lru,cpu-fallback,tide", "--batch-sizes", "1,4,16", "--prompts",
-                                str(BATCH_PROMPTS), "--gen-length", "32", "--steps", "8", "--repeat", "1",
-                                "--cpu-threads", str(workers), "--profile", profile, "--check", "--out",
-                                str(out / "batches")], 150, 60)]
+             ("bench-mini", [*bench, "--regime", "block-kv,full", "--policies",
+                             "reference,full-offload,lru,cpu-fallback,accelerate,tide", "--gen-length", "64",
+                             "--projections", "", "--out", str(out / "bench")], 240, 120),
+             ("bench-batches", [*bench, "--regime", "block-kv", "--policies", "reference,lru,cpu-fallback,tide",
+                                "--batch-sizes", "1,4,16", "--prompts", str(BATCH_PROMPTS), "--gen-length", "32",
+                                "--out", str(out / "batches")], 150, 60)]
     if device.startswith("cuda"):
         steps.insert(0, ("pytest-gpu", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                                         "tests/test_gpu.py"], 120, 60))
