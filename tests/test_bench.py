@@ -178,7 +178,6 @@ def test_a_run_that_runs_out_of_memory_is_a_row_and_the_sweep_goes_on(tiny_dir, 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU machine gpu-check really runs")
 def test_gpu_check_without_cuda_says_so_and_runs_nothing():
     import subprocess
-    import sys
 
     done = subprocess.run([sys.executable, "-m", "tide.bench.gpu_check"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().splitlines() == [
@@ -290,9 +289,6 @@ def test_soak_that_decodes_no_prompt_twice_does_not_claim_identity(tiny_dir, tmp
 
 def test_tables_are_written_without_tabulate(monkeypatch):
     """make gpu-check runs on a bare GPU machine's Python (no tabulate): the same table, pipe-separated."""
-    import sys
-
-    import pandas as pd
 
     from tide.bench import report
 
