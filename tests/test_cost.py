@@ -69,6 +69,8 @@ def test_modelled_host_time_matches_the_executor():
     from tide.policy import PolicyContext, StepInfo, make_policy
 
     workers, H, I = default_cpu_threads(), 1024, 512
+    # 32 experts, the number host_curve() calibrates over: the same working set (on an AMX VM with a 480 MiB
+    # last-level cache, tiny's 16 experts, 100 MB, stayed cached and ran at 0.63-0.66 of the 32-expert calibration)
     cfg = preset("tiny", hidden_size=H, moe_intermediate_size=I, num_experts=32)
     # 21 repeats: a calibration is one median per token count, and on a 2-vCPU VM one taken over nine calls was
     # seen 30% off the executor's (a clean clone's first run); the band below is unchanged
